@@ -1,0 +1,43 @@
+"""BoneBreak web demo: `python app.py` (see --help). Also the Hugging Face Space entry point."""
+
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+
+from transformers import HfArgumentParser
+
+from bonebreak.inference import DEFAULT_UNSURE_BELOW, Predictor
+from bonebreak.models import ModelLoadError
+from bonebreak.ui import build_demo, launch
+
+
+@dataclass
+class AppArguments:
+    model_path: str = field(default="checkpoints/bone_break_model", metadata={"help": "Checkpoint folder to serve."})
+    host: str = field(
+        default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+        metadata={"help": "Interface to bind (default $GRADIO_SERVER_NAME, else 127.0.0.1; use 0.0.0.0 to expose it)."},
+    )
+    port: int = field(
+        default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
+        metadata={"help": "Port (default $GRADIO_SERVER_PORT, else 7860)."},
+    )
+    unsure_below: float = field(
+        default=DEFAULT_UNSURE_BELOW, metadata={"help": "Say 'unsure' when the top probability is below this."}
+    )
+    concurrency: int = field(default=2, metadata={"help": "Predictions run at once (2 suits a 2-core CPU)."})
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    (args,) = HfArgumentParser(AppArguments).parse_args_into_dataclasses()
+    try:
+        predictor = Predictor.from_checkpoint(args.model_path, unsure_below=args.unsure_below)
+    except (ModelLoadError, ValueError) as error:
+        sys.exit(f"error: {error}")
+    launch(build_demo(predictor), args.host, args.port, args.concurrency)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""Evaluate a checkpoint on a dataset split: ``python -m bonebreak.evaluate --split test``.
+
+Writes metrics.json, per_class.csv, predictions.csv, confusion_matrix.json/.png to a
+report folder and prints a table. (The Hub-hosted metric scripts of the ``evaluate``
+library cannot be fetched offline, so the numbers come from scikit-learn in
+``bonebreak.metrics``.)
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+from tqdm.auto import tqdm
+from transformers import HfArgumentParser
+
+from .data import SPLITS, load_splits, resolve_data_dir
+from .inference import Predictor
+from .metrics import TOP_K, classification_metrics, headline
+from .plots import plot_confusion_matrix
+
+logger = logging.getLogger(__name__)
+
+LEAKAGE_NOTE = (
+    "The published Train/Test split of this dataset leaks near-duplicates (re-encoded, flipped and "
+    "annotated copies of Train images appear in Test), so a score on it overstates accuracy on new X-rays."
+)
+
+
+@dataclass
+class EvalArguments:
+    model_path: str = field(default="checkpoints/bone_break_model", metadata={"help": "Checkpoint folder to evaluate."})
+    data_dir: str | None = field(
+        default=None, metadata={"help": "Dataset folder (default: $BONEBREAK_DATA, else data/bone-break)."}
+    )
+    split: str = field(default="test", metadata={"help": "Which split to evaluate: train, validation or test."})
+    report_dir: str | None = field(
+        default=None, metadata={"help": "Where to write the report (default: reports/<checkpoint>-<split>)."}
+    )
+    batch_size: int = field(default=32, metadata={"help": "Images per forward pass."})
+    val_fraction: float = field(
+        default=0.15, metadata={"help": "Must match training when --split validation is carved out of train."}
+    )
+    seed: int = field(default=42, metadata={"help": "Must match training when --split validation is carved out of train."})
+    device: str | None = field(default=None, metadata={"help": "cpu, cuda or cuda:N (default: cuda if available)."})
+
+    def __post_init__(self) -> None:
+        if self.split not in SPLITS:
+            raise ValueError(f"--split must be one of {', '.join(SPLITS)}, got '{self.split}'")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch_size must be >= 1, got {self.batch_size}")
+
+
+def label_index_map(data_labels: list[str], model_labels: list[str]) -> list[int]:
+    """For each dataset label index, the model's index of the same label."""
+    missing = [label for label in data_labels if label not in model_labels]
+    if missing:
+        raise ValueError(f"the dataset has classes the model does not know: {missing}; model labels: {model_labels}")
+    return [model_labels.index(label) for label in data_labels]
+
+
+def image_paths(dataset: datasets.Dataset) -> list[str]:
+    return [item["path"] for item in dataset.cast_column("image", datasets.Image(decode=False))["image"]]
+
+
+def predict_dataset(predictor: Predictor, dataset: datasets.Dataset, batch_size: int = 32) -> np.ndarray:
+    paths = image_paths(dataset)
+    chunks = [
+        predictor.probabilities(paths[start : start + batch_size], batch_size=batch_size)
+        for start in tqdm(range(0, len(paths), batch_size), desc="Predicting", unit="batch")
+    ]
+    return np.concatenate(chunks) if chunks else np.zeros((0, len(predictor.labels)))
+
+
+def evaluate_split(
+    predictor: Predictor, dataset: datasets.Dataset, data_labels: list[str], batch_size: int = 32
+) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    """Metrics in the model's label space, plus the true indices and probabilities."""
+    mapping = label_index_map(data_labels, predictor.labels)
+    truth = np.array([mapping[i] for i in dataset["label"]])
+    probs = predict_dataset(predictor, dataset, batch_size)
+    return classification_metrics(truth, probs, predictor.labels), truth, probs
+
+
+def write_report(
+    metrics: dict[str, Any],
+    out_dir: str | Path,
+    title: str,
+    paths: list[str] | None = None,
+    truth: np.ndarray | None = None,
+    probs: np.ndarray | None = None,
+) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    labels = metrics["labels"]
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (out / "confusion_matrix.json").write_text(
+        json.dumps({"labels": labels, "rows_true_cols_predicted": metrics["confusion_matrix"]}, indent=2)
+    )
+    plot_confusion_matrix(metrics["confusion_matrix"], labels, out / "confusion_matrix.png", title)
+    with open(out / "per_class.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["label", "precision", "recall", "f1", "support"])
+        for label, row in metrics["per_class"].items():
+            writer.writerow([label, f"{row['precision']:.4f}", f"{row['recall']:.4f}", f"{row['f1']:.4f}", row["support"]])
+    if paths is not None and truth is not None and probs is not None:
+        with open(out / "predictions.csv", "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["path", "true", "predicted", "probability"] + [f"top{k + 1}" for k in range(TOP_K)])
+            for path, true, row in zip(paths, truth, probs):
+                order = np.argsort(-row)[:TOP_K]
+                top = [f"{labels[i]} ({row[i]:.3f})" for i in order]
+                writer.writerow([path, labels[true], labels[order[0]], f"{row[order[0]]:.4f}"] + top)
+    return out
+
+
+def format_table(metrics: dict[str, Any], title: str) -> str:
+    lines = [title, "-" * len(title)]
+    lines += [f"{name:<20} {value:.4f}" for name, value in headline(metrics).items()]
+    lines.append(f"{'images':<20} {metrics['n']}")
+    lines.append("")
+    lines.append(f"{'class':<22}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>9}")
+    for label, row in metrics["per_class"].items():
+        lines.append(f"{label:<22}{row['precision']:>10.3f}{row['recall']:>10.3f}{row['f1']:>10.3f}{row['support']:>9}")
+    return "\n".join(lines)
+
+
+def run_evaluation(
+    predictor: Predictor, dataset: datasets.Dataset, data_labels: list[str], split: str, out_dir: str | Path, batch_size: int = 32
+) -> dict[str, Any]:
+    """Evaluate, write the report folder and return the metrics (with the leakage note on test)."""
+    metrics, truth, probs = evaluate_split(predictor, dataset, data_labels, batch_size)
+    metrics["split"] = split
+    if split == "test":
+        metrics["note"] = LEAKAGE_NOTE
+    write_report(metrics, out_dir, f"Confusion matrix ({split}, n={metrics['n']})", image_paths(dataset), truth, probs)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    (args,) = HfArgumentParser(EvalArguments).parse_args_into_dataclasses(args=argv)
+    predictor = Predictor.from_checkpoint(args.model_path, device=args.device)
+    data = load_splits(resolve_data_dir(args.data_dir), val_fraction=args.val_fraction, seed=args.seed)
+    if args.split not in data.splits:
+        raise SystemExit(f"error: split '{args.split}' does not exist in {args.data_dir}; available: {list(data.splits)}")
+    out_dir = Path(args.report_dir or Path("reports") / f"{Path(args.model_path).name}-{args.split}")
+    metrics = run_evaluation(predictor, data.splits[args.split], data.labels, args.split, out_dir, args.batch_size)
+    print(format_table(metrics, f"{args.model_path} on {args.split}"))
+    if "note" in metrics:
+        print(f"\nNote: {metrics['note']}")
+    print(f"\nReport written to {out_dir}")
+    return metrics
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ValueError as error:  # bad flags, data or checkpoint: one clear line, no traceback
+        sys.exit(f"error: {error}")

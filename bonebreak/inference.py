@@ -1,0 +1,141 @@
+"""One inference path for the app, the predict CLI, evaluation and the tests.
+
+``Predictor.from_checkpoint(path)`` loads a checkpoint; ``predict(image)`` decodes,
+preprocesses, runs the model and returns calibrated probabilities per label;
+``grad_cam(image)`` shows where the model looked.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .images import DEFAULT_LIMITS, DecodeLimits, ImageSource, load_image
+from .models import load_checkpoint
+from .transforms import PreprocessConfig, eval_transform, preprocess_config_from_processor
+
+DEFAULT_UNSURE_BELOW = 0.5
+TEMPERATURE_KEY = "bonebreak_temperature"
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Probabilities for every label, highest first."""
+
+    probabilities: dict[str, float]
+    unsure_below: float = DEFAULT_UNSURE_BELOW
+    top_label: str = field(init=False)
+    top_probability: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        label, probability = next(iter(self.probabilities.items()))
+        object.__setattr__(self, "top_label", label)
+        object.__setattr__(self, "top_probability", probability)
+
+    @property
+    def unsure(self) -> bool:
+        return self.top_probability < self.unsure_below
+
+    def top(self, k: int = 3) -> dict[str, float]:
+        return dict(list(self.probabilities.items())[:k])
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Predictor:
+    """A loaded classifier plus the preprocessing it was trained with."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        preprocess: PreprocessConfig,
+        device: str | torch.device | None = None,
+        limits: DecodeLimits = DEFAULT_LIMITS,
+        unsure_below: float = DEFAULT_UNSURE_BELOW,
+    ) -> None:
+        if not 0.0 <= unsure_below <= 1.0:
+            raise ValueError(f"unsure threshold must be between 0 and 1, got {unsure_below}")
+        self.device = pick_device(str(device) if device else None)
+        self.model = model.to(self.device).eval()
+        self.preprocess = preprocess
+        self.transform = eval_transform(preprocess)
+        self.limits = limits
+        self.unsure_below = unsure_below
+        config = model.config
+        self.labels = [config.id2label[i] for i in range(config.num_labels)]
+        self.temperature = float(getattr(config, TEMPERATURE_KEY, None) or 1.0)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, device: str | None = None, **kwargs) -> "Predictor":
+        model, processor = load_checkpoint(path)
+        return cls(model, preprocess_config_from_processor(processor), device=device, **kwargs)
+
+    def load(self, source: ImageSource) -> Image.Image:
+        return load_image(source, self.limits)
+
+    def _batch(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        return torch.stack([self.transform(image) for image in images]).to(self.device)
+
+    @torch.inference_mode()
+    def probabilities(self, images: Sequence[ImageSource], batch_size: int = 16) -> np.ndarray:
+        """Softmax probabilities (n_images, n_labels) for already-valid images or paths."""
+        chunks = []
+        for start in range(0, len(images), batch_size):
+            decoded = [self.load(image) for image in images[start : start + batch_size]]
+            logits = self.model(pixel_values=self._batch(decoded)).logits.float()
+            chunks.append(torch.softmax(logits / self.temperature, dim=-1).cpu().numpy())
+        return np.concatenate(chunks) if chunks else np.zeros((0, len(self.labels)))
+
+    def to_prediction(self, probs: np.ndarray) -> Prediction:
+        order = np.argsort(-probs)
+        return Prediction({self.labels[i]: float(probs[i]) for i in order}, unsure_below=self.unsure_below)
+
+    def predict(self, source: ImageSource) -> Prediction:
+        """Decode one image (path, bytes, PIL or array) and classify it."""
+        return self.to_prediction(self.probabilities([source])[0])
+
+    def grad_cam(self, source: ImageSource, label: str | None = None) -> tuple[Image.Image, np.ndarray]:
+        """Grad-CAM on the last feature map; returns (model's view of the image, heat map 0..1).
+
+        CNNs give a (C, H, W) feature map; transformers give tokens, which are laid back on
+        their square patch grid (leading class/register tokens dropped).
+        """
+        image = self.load(source)
+        view = self.transform(image)
+        pixels = view.unsqueeze(0).to(self.device)
+        with torch.enable_grad():
+            outputs = self.model(pixel_values=pixels, output_hidden_states=True)
+            target = self.labels.index(label) if label else int(outputs.logits[0].argmax())
+            features = outputs.hidden_states[-1]
+            (gradients,) = torch.autograd.grad(outputs.logits[0, target], features)
+        features, gradients = features.detach()[0].float(), gradients[0].float()
+        if features.ndim == 2:  # tokens: (T, C) -> (C, g, g)
+            grid = int(math.isqrt(features.shape[0]))
+            features = features[-grid * grid :].T.reshape(-1, grid, grid)
+            gradients = gradients[-grid * grid :].T.reshape(-1, grid, grid)
+        weights = gradients.mean(dim=(1, 2), keepdim=True)
+        cam = torch.relu((weights * features).sum(dim=0))
+        cam = torch.nn.functional.interpolate(cam[None, None], size=pixels.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
+        cam = cam / cam.max() if float(cam.max()) > 0 else cam
+        mean = torch.tensor(self.preprocess.mean).view(3, 1, 1)
+        std = torch.tensor(self.preprocess.std).view(3, 1, 1)
+        view_rgb = ((view * std + mean).clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+        return Image.fromarray(view_rgb), cam.cpu().numpy()
+
+
+def overlay_heatmap(view: Image.Image, cam: np.ndarray, alpha: float = 0.45) -> Image.Image:
+    """Blend a 0..1 heat map (jet colours) over the image the model saw."""
+    from matplotlib import colormaps
+
+    colours = (colormaps["jet"](cam)[..., :3] * 255).astype(np.uint8)
+    return Image.blend(view.convert("RGB"), Image.fromarray(colours).resize(view.size), alpha)

@@ -1,0 +1,143 @@
+"""Classify X-ray files or folders without the UI: ``python -m bonebreak.predict PATH [PATH...]``.
+
+A bad file becomes an error row and the rest carry on; the exit status is nonzero only for
+a real failure (the model cannot be loaded, or no input path exists at all).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from tqdm.auto import tqdm
+from transformers import HfArgumentParser
+
+from .images import ImageLoadError, is_image_file
+from .inference import DEFAULT_UNSURE_BELOW, Predictor
+from .models import ModelLoadError
+
+FORMATS = ("table", "csv", "json")
+
+
+@dataclass
+class PredictArguments:
+    model_path: str = field(default="checkpoints/bone_break_model", metadata={"help": "Checkpoint folder."})
+    top_k: int = field(default=3, metadata={"help": "How many labels to show per image."})
+    format: str = field(default="table", metadata={"help": "Output format: table, csv or json."})
+    batch_size: int = field(default=16, metadata={"help": "Images per forward pass."})
+    unsure_below: float = field(
+        default=DEFAULT_UNSURE_BELOW, metadata={"help": "Flag a prediction as unsure when its top probability is below this."}
+    )
+    device: str | None = field(default=None, metadata={"help": "cpu, cuda or cuda:N (default: cuda if available)."})
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got '{self.format}'")
+        if self.top_k < 1:
+            raise ValueError(f"--top_k must be >= 1, got {self.top_k}")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class Row:
+    path: str
+    top: dict[str, float] = field(default_factory=dict)
+    unsure: bool = False
+    error: str | None = None
+
+
+def expand_paths(paths: Iterable[str]) -> tuple[list[Path], bool]:
+    """Files as given, folders expanded to their image files; also whether a folder was seen."""
+    files: list[Path] = []
+    saw_folder = False
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            saw_folder = True
+            files += sorted(p for p in path.rglob("*") if is_image_file(p))
+        else:
+            files.append(path)  # missing or odd files become error rows, not a crash
+    return files, saw_folder
+
+
+def predict_files(predictor: Predictor, files: list[Path], top_k: int = 3, batch_size: int = 16, progress: bool = False) -> list[Row]:
+    rows: list[Row] = []
+    bar = tqdm(total=len(files), desc="Predicting", unit="img", disable=not progress, file=sys.stderr)
+    for start in range(0, len(files), batch_size):
+        chunk = files[start : start + batch_size]
+        decoded, chunk_rows = [], []
+        for path in chunk:
+            row = Row(str(path))
+            try:
+                decoded.append(predictor.load(path))
+                chunk_rows.append(row)
+            except ImageLoadError as error:
+                row.error = str(error)
+            rows.append(row)
+        if decoded:
+            for row, probs in zip(chunk_rows, predictor.probabilities(decoded, batch_size=batch_size)):
+                prediction = predictor.to_prediction(probs)
+                row.top, row.unsure = prediction.top(top_k), prediction.unsure
+        bar.update(len(chunk))
+    bar.close()
+    return rows
+
+
+def format_rows(rows: list[Row], fmt: str, top_k: int) -> str:
+    if fmt == "json":
+        return json.dumps(
+            [
+                {"path": r.path, "predictions": [{"label": k, "probability": round(v, 6)} for k, v in r.top.items()], "unsure": r.unsure, "error": r.error}
+                for r in rows
+            ],
+            indent=2,
+        )
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.writer(out)
+        writer.writerow(["path", "status"] + [f"{kind}{i + 1}" for i in range(top_k) for kind in ("label", "probability")] + ["unsure", "error"])
+        for r in rows:
+            cells = [c for label, p in r.top.items() for c in (label, f"{p:.4f}")]
+            cells += [""] * (2 * top_k - len(cells))
+            writer.writerow([r.path, "error" if r.error else "ok"] + cells + [r.unsure if not r.error else "", r.error or ""])
+        return out.getvalue().rstrip("\n")
+    width = max([len(r.path) for r in rows] + [4])
+    lines = [f"{'file':<{width}}  prediction"]
+    for r in rows:
+        if r.error:
+            detail = f"ERROR: {r.error}"
+        else:
+            detail = ", ".join(f"{label} {p:.1%}" for label, p in r.top.items()) + ("  (unsure)" if r.unsure else "")
+        lines.append(f"{r.path:<{width}}  {detail}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = HfArgumentParser(PredictArguments)
+    parser.add_argument("paths", nargs="+", help="Image files (JPEG, PNG, DICOM, ...) or folders of them.")
+    args, extra = parser.parse_args_into_dataclasses(args=argv)
+    files, saw_folder = expand_paths(extra.paths)
+    if not any(Path(p).exists() for p in extra.paths):
+        print(f"error: none of the given paths exist: {' '.join(extra.paths)}", file=sys.stderr)
+        return 2
+    try:
+        predictor = Predictor.from_checkpoint(args.model_path, device=args.device, unsure_below=args.unsure_below)
+    except ModelLoadError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    rows = predict_files(predictor, files, args.top_k, args.batch_size, progress=saw_folder)
+    print(format_rows(rows, args.format, args.top_k))
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except ValueError as error:
+        sys.exit(f"error: {error}")

@@ -1,0 +1,296 @@
+"""Fine-tune a fracture classifier with the Hugging Face ``Trainer``.
+
+``python train.py`` and ``accelerate launch train.py`` (one or many GPUs, several nodes, or
+two CPU processes over gloo) run the same code: Accelerate decides the device and the
+process group; mixed precision is switched on when a CUDA GPU is present.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import EarlyStoppingCallback, HfArgumentParser, Trainer, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint, set_seed
+
+from .data import LoadedData, load_splits, resolve_data_dir, split_counts_of
+from .evaluate import run_evaluation
+from .inference import Predictor
+from .metrics import classification_metrics, headline
+from .models import create_model, save_checkpoint
+from .plots import plot_training_curves
+from .transforms import AugmentConfig, batch_transform, collate, eval_transform, preprocess_config_from_processor, train_transform
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainArguments:
+    data_dir: str | None = field(
+        default=None,
+        metadata={"help": "Dataset folder in Roboflow, Kaggle or plain <class>/ layout (default: $BONEBREAK_DATA, else data/bone-break)."},
+    )
+    model: str = field(
+        default="efficientnet_lite0",
+        metadata={"help": "efficientnet_lite0/1/2 (offline ImageNet weights), or any Hub id or local folder of an image-classification model."},
+    )
+    output_dir: str = field(
+        default="checkpoints/bone_break_model",
+        metadata={"help": "Where the final model goes; resumable Trainer checkpoints go to <output_dir>.trainer/."},
+    )
+    epochs: float = field(default=30, metadata={"help": "Maximum number of epochs (early stopping may end sooner)."})
+    batch_size: int = field(default=32, metadata={"help": "Images per step per process (GPU or CPU process)."})
+    learning_rate: float = field(default=5e-4, metadata={"help": "Peak AdamW learning rate (cosine schedule with warmup)."})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay."})
+    warmup_ratio: float = field(default=0.05, metadata={"help": "Fraction of steps spent warming up the learning rate."})
+    label_smoothing: float = field(default=0.1, metadata={"help": "Label smoothing of the cross-entropy loss."})
+    class_weighted_loss: bool = field(
+        default=True, metadata={"help": "Weight the loss by inverse class frequency (the classes are imbalanced up to 2:1)."}
+    )
+    image_size: int | None = field(default=None, metadata={"help": "Square input side in pixels (default: the model's own)."})
+    val_fraction: float = field(
+        default=0.15, metadata={"help": "Fraction of train held out (stratified, seeded) when the data has no validation split."}
+    )
+    seed: int = field(default=42, metadata={"help": "Seed for the split, initialisation, augmentation and data order."})
+    resume: bool = field(default=False, metadata={"help": "Continue from the last checkpoint in <output_dir>.trainer/."})
+    overwrite: bool = field(default=False, metadata={"help": "Start over even if <output_dir>.trainer/ holds checkpoints of an earlier run."})
+    early_stopping_patience: int = field(
+        default=6, metadata={"help": "Stop after this many epochs without a better validation macro-F1 (0: never)."}
+    )
+    num_workers: int = field(default=2, metadata={"help": "Data-loading worker processes per training process."})
+    logging_steps: int = field(default=10, metadata={"help": "Log the training loss every N steps."})
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Use only the first N shuffled training images (quick experiments, tests)."}
+    )
+    evaluate_test: bool = field(
+        default=True, metadata={"help": "After training, evaluate the best model on the test split (never used for selection)."}
+    )
+
+    def __post_init__(self) -> None:
+        checks = {
+            "--epochs": self.epochs > 0,
+            "--batch_size": self.batch_size >= 1,
+            "--learning_rate": self.learning_rate > 0,
+            "--val_fraction": 0 < self.val_fraction < 1,
+            "--warmup_ratio": 0 <= self.warmup_ratio < 1,
+            "--label_smoothing": 0 <= self.label_smoothing < 1,
+            "--num_workers": self.num_workers >= 0,
+            "--early_stopping_patience": self.early_stopping_patience >= 0,
+        }
+        bad = [flag for flag, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"invalid value for {', '.join(bad)}; see `python train.py --help`")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume and --overwrite contradict each other: pick one")
+
+    @property
+    def work_dir(self) -> Path:
+        return Path(f"{self.output_dir.rstrip('/')}.trainer")
+
+
+def parse_args(argv: list[str] | None = None) -> TrainArguments:
+    (args,) = HfArgumentParser(TrainArguments).parse_args_into_dataclasses(args=argv)
+    return args
+
+
+def class_weights(labels: list[int], num_classes: int) -> torch.Tensor:
+    """Inverse-frequency weights, mean 1 over the classes present."""
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    weights = np.where(counts > 0, counts.sum() / (num_classes * np.maximum(counts, 1)), 0.0)
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def make_loss(weights: torch.Tensor | None, label_smoothing: float):
+    def loss(outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
+        logits = outputs.logits.float()
+        weight = weights.to(logits.device) if weights is not None else None
+        return F.cross_entropy(logits, labels, weight=weight, label_smoothing=label_smoothing)
+
+    return loss
+
+
+def make_compute_metrics(labels: list[str]):
+    def compute_metrics(eval_prediction) -> dict[str, float]:
+        logits = torch.tensor(eval_prediction.predictions)
+        probs = torch.softmax(logits.float(), dim=-1).numpy()
+        return headline(classification_metrics(eval_prediction.label_ids, probs, labels))
+
+    return compute_metrics
+
+
+def training_arguments(args: TrainArguments) -> TrainingArguments:
+    cuda = torch.cuda.is_available()
+    bf16 = cuda and torch.cuda.is_bf16_supported()
+    return TrainingArguments(
+        output_dir=str(args.work_dir),
+        num_train_epochs=args.epochs,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_ratio,
+        lr_scheduler_type="cosine",
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        save_total_limit=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="macro_f1",
+        greater_is_better=True,
+        logging_strategy="steps",
+        logging_steps=args.logging_steps,
+        report_to="none",
+        seed=args.seed,
+        data_seed=args.seed,
+        remove_unused_columns=False,
+        dataloader_num_workers=args.num_workers,
+        dataloader_persistent_workers=args.num_workers > 0,
+        # Without a GPU, use_cpu makes Accelerate form a gloo process group when launched
+        # with several processes; otherwise each process would silently train on its own.
+        use_cpu=not cuda,
+        bf16=bf16,
+        fp16=cuda and not bf16,
+        ddp_find_unused_parameters=False,
+    )
+
+
+def prepare_data(args: TrainArguments) -> LoadedData:
+    data = load_splits(resolve_data_dir(args.data_dir), val_fraction=args.val_fraction, seed=args.seed)
+    if args.max_train_samples:
+        data.splits["train"] = data.splits["train"].shuffle(seed=args.seed).select(
+            range(min(args.max_train_samples, len(data.splits["train"])))
+        )
+        data.counts["train"] = split_counts_of(data.splits["train"], data.labels)
+    return data
+
+
+def resume_point(args: TrainArguments) -> str | None:
+    """The checkpoint to resume from, refusing to silently clobber an earlier run."""
+    last = get_last_checkpoint(str(args.work_dir)) if args.work_dir.is_dir() else None
+    if args.resume:
+        if last is None:
+            logger.warning("--resume given but %s holds no checkpoint: starting from scratch", args.work_dir)
+        return last
+    if last is not None and not args.overwrite:
+        raise ValueError(
+            f"{args.work_dir} holds checkpoints of an earlier run ({Path(last).name}): "
+            "pass --resume to continue it or --overwrite to start over"
+        )
+    if args.overwrite and args.work_dir.is_dir():
+        shutil.rmtree(args.work_dir)
+    return None
+
+
+def build_trainer(args: TrainArguments, data: LoadedData, model: Any, processor: Any) -> Trainer:
+    preprocess = preprocess_config_from_processor(processor)
+    train = data.splits["train"].with_transform(batch_transform(train_transform(preprocess, AugmentConfig())))
+    validation = data.splits["validation"].with_transform(batch_transform(eval_transform(preprocess)))
+    weights = class_weights(data.splits["train"]["label"], len(data.labels)) if args.class_weighted_loss else None
+    callbacks = [EarlyStoppingCallback(args.early_stopping_patience)] if args.early_stopping_patience else []
+    return Trainer(
+        model=model,
+        args=training_arguments(args),
+        train_dataset=train,
+        eval_dataset=validation,
+        data_collator=collate,
+        compute_metrics=make_compute_metrics(data.labels),
+        compute_loss_func=make_loss(weights, args.label_smoothing),
+        processing_class=processor,
+        callbacks=callbacks,
+    )
+
+
+def load_weights(model: Any, checkpoint: str | os.PathLike) -> None:
+    """Copy a Trainer checkpoint's weights into ``model`` through ``from_pretrained``.
+
+    Trainer's own resume and ``load_best_model_at_end`` feed the saved state dict straight
+    into ``load_state_dict``; transformers 5 saves some models (ViT among them) under legacy
+    key names, so that path silently skips most weights. ``from_pretrained`` converts them.
+    """
+    reloaded = type(model).from_pretrained(checkpoint, use_safetensors=True)
+    model.load_state_dict(reloaded.state_dict(), strict=True)
+
+
+def restore_best_model(trainer: Trainer) -> None:
+    if trainer.state.best_model_checkpoint:
+        load_weights(trainer.accelerator.unwrap_model(trainer.model), trainer.state.best_model_checkpoint)
+
+
+def summarise(args: TrainArguments, data: LoadedData, trainer: Trainer, train_seconds: float, validation: dict) -> dict:
+    state = trainer.state
+    return {
+        "model": args.model,
+        "labels": data.labels,
+        "data_dir": str(resolve_data_dir(args.data_dir)),
+        "layout": data.layout,
+        "counts": data.counts,
+        "skipped_files": [{"path": str(p), "reason": r} for p, r in data.broken],
+        "world_size": trainer.args.world_size,
+        "device": str(trainer.args.device),
+        "mixed_precision": "bf16" if trainer.args.bf16 else "fp16" if trainer.args.fp16 else "no",
+        "global_step": state.global_step,
+        "epochs_run": state.epoch,
+        "best_checkpoint": state.best_model_checkpoint,
+        "train_seconds": round(train_seconds, 1),
+        "validation": validation,
+        "arguments": asdict(args),
+    }
+
+
+def write_outputs(args: TrainArguments, data: LoadedData, trainer: Trainer, summary: dict, processor: Any) -> Path:
+    """Evaluate on test (if asked), plot curves, and save the final model atomically."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    with tempfile.TemporaryDirectory() as scratch:
+        extra_dirs = {}
+        if args.evaluate_test and "test" in data.splits:
+            predictor = Predictor(model, preprocess_config_from_processor(processor))
+            test = run_evaluation(predictor, data.splits["test"], data.labels, "test", Path(scratch) / "eval_test")
+            summary["test"] = {**headline(test), "note": test["note"]}
+            extra_dirs["eval_test"] = Path(scratch) / "eval_test"
+        plot_training_curves(trainer.state.log_history, Path(scratch) / "training_curves.png")
+        extra = {
+            "metrics.json": json.dumps(summary, indent=2),
+            "log_history.json": json.dumps(trainer.state.log_history, indent=2),
+            "training_curves.png": (Path(scratch) / "training_curves.png").read_bytes(),
+        }
+        model.to("cpu")
+        return save_checkpoint(model, processor, args.output_dir, extra_files=extra, extra_dirs=extra_dirs)
+
+
+def run_training(args: TrainArguments) -> dict:
+    """Train, select the best epoch by validation macro-F1, evaluate, save. Returns the summary."""
+    set_seed(args.seed)
+    data = prepare_data(args)
+    model, processor = create_model(args.model, data.labels, args.image_size)
+    checkpoint = resume_point(args)
+    if checkpoint:
+        load_weights(model, checkpoint)  # Trainer restores optimizer, scheduler, RNG and step
+    trainer = build_trainer(args, data, model, processor)
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=checkpoint)
+    train_seconds = time.perf_counter() - started
+    restore_best_model(trainer)
+    validation = trainer.evaluate()  # on every process: evaluation is collective under DDP
+    summary = summarise(args, data, trainer, train_seconds, validation)
+    if trainer.is_world_process_zero():
+        write_outputs(args, data, trainer, summary, processor)
+        logger.info("model saved to %s (%.0f s of training)", args.output_dir, train_seconds)
+    trainer.accelerator.wait_for_everyone()
+    return summary
+
+
+def main(argv: list[str] | None = None) -> dict:
+    logging.basicConfig(
+        level=logging.INFO if int(os.environ.get("LOCAL_RANK", "0")) == 0 else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    return run_training(parse_args(argv))

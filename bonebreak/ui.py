@@ -1,0 +1,122 @@
+"""The Gradio demo: upload an X-ray, get the top fracture types, what they mean and where the
+model looked. Nothing happens at import time; ``build_demo`` wires a loaded ``Predictor``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+from PIL import Image
+
+from .images import ImageLoadError, IMAGE_SUFFIXES
+from .inference import Predictor, overlay_heatmap
+
+logger = logging.getLogger(__name__)
+
+INFO_FILE = Path(__file__).with_name("fracture_info.json")
+EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
+MAX_UPLOAD = "20mb"
+NOTICE = (
+    "**Research demo, not a diagnostic device.** The model was trained on about a thousand images of a "
+    "small public dataset (Roboflow \"bone-break-classification\", CC BY 4.0) and is often wrong. "
+    "It only names a fracture *type*; it cannot tell whether a bone is broken at all. "
+    "Never use it for medical decisions: ask a qualified clinician."
+)
+INFO_FIELDS = (("what", "What it is"), ("mechanism", "Typical mechanism"), ("who", "Who gets it"), ("where", "Where it is seen"), ("management", "Usual management"))
+
+
+@lru_cache(maxsize=1)
+def fracture_info() -> dict[str, Any]:
+    return json.loads(INFO_FILE.read_text())
+
+
+def describe(label: str) -> str:
+    info = fracture_info().get(label)
+    if info is None:
+        return f"No background text is available for **{label}**."
+    lines = [f"### {label} fracture"] + [f"- **{title}:** {info[key]}" for key, title in INFO_FIELDS]
+    lines.append(f"\n<sub>Source: {fracture_info()['_source']}</sub>")
+    return "\n".join(lines)
+
+
+def verdict(top_label: str, top_probability: float, unsure: bool, threshold: float) -> str:
+    if unsure:
+        return (
+            f"**The model is unsure.** Its best guess, {top_label}, has only {top_probability:.0%} probability "
+            f"(below the {threshold:.0%} threshold), so treat the ranking below as a list of possibilities, not an answer."
+        )
+    return f"**Most likely type: {top_label}** ({top_probability:.0%})."
+
+
+@dataclass
+class Classifier:
+    """The function behind the UI and the API: one call, one image, every output."""
+
+    predictor: Predictor
+    top_k: int = 3
+
+    def __call__(self, file: str | None, show_heatmap: bool = True) -> tuple[dict[str, float], str, Image.Image | None]:
+        if not file:
+            raise gr.Error("Please upload an X-ray image first (JPEG, PNG, TIFF, WebP or DICOM).")
+        name = Path(file).name
+        try:
+            image = self.predictor.load(file)
+            prediction = self.predictor.predict(image)
+            view, cam = self.predictor.grad_cam(image, label=prediction.top_label) if show_heatmap else (None, None)
+        except ImageLoadError as error:
+            raise gr.Error(f"Could not read '{name}': {str(error).split(': ', 1)[-1]}") from error
+        except Exception as error:  # never let one upload take the server down
+            logger.exception("prediction failed for %s", file)
+            raise gr.Error(f"Could not process '{name}' ({type(error).__name__}). Please try another image.") from error
+        text = verdict(prediction.top_label, prediction.top_probability, prediction.unsure, self.predictor.unsure_below)
+        text += "\n\n" + describe(prediction.top_label)
+        shown = overlay_heatmap(view, cam) if show_heatmap else image
+        return prediction.top(self.top_k), text, shown
+
+
+def example_files(folder: Path = EXAMPLES_DIR) -> list[str]:
+    if not folder.is_dir():
+        return []
+    return [str(p) for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+
+
+def build_demo(predictor: Predictor, examples: list[str] | None = None) -> gr.Blocks:
+    classify = Classifier(predictor)
+    examples = example_files() if examples is None else examples
+    with gr.Blocks(title="BoneBreak: fracture type from an X-ray") as demo:
+        gr.Markdown("# BoneBreak\nUpload a bone X-ray to see which of ten fracture types it most resembles.")
+        gr.Markdown(NOTICE, elem_id="notice")
+        with gr.Row():
+            with gr.Column():
+                upload = gr.File(
+                    label="X-ray image (JPEG, PNG, TIFF, WebP, DICOM; drag and drop or click)",
+                    file_types=sorted(IMAGE_SUFFIXES),
+                    type="filepath",
+                    elem_id="upload",
+                )
+                pasted = gr.Image(label="...or paste an image from the clipboard", sources=["clipboard"], type="filepath", height=160)
+                show_heatmap = gr.Checkbox(value=True, label="Show Grad-CAM heat map (where the model looked)")
+                button = gr.Button("Classify", variant="primary")
+                if examples:
+                    gr.Examples(examples=[[e] for e in examples], inputs=[upload], label="Example X-rays (CC BY 4.0, see examples/ATTRIBUTION.md)")
+            with gr.Column():
+                labels = gr.Label(num_top_classes=classify.top_k, label="Top fracture types (probability)", elem_id="labels")
+                picture = gr.Image(label="Model view / heat map", type="pil", interactive=False, elem_id="heatmap")
+                info = gr.Markdown(elem_id="info")
+        outputs = [labels, info, picture]
+        button.click(classify, inputs=[upload, show_heatmap], outputs=outputs, api_name="predict")
+        upload.upload(classify, inputs=[upload, show_heatmap], outputs=outputs, api_name=False)
+        pasted.upload(classify, inputs=[pasted, show_heatmap], outputs=outputs, api_name=False)
+    return demo
+
+
+def launch(demo: gr.Blocks, host: str, port: int, concurrency: int = 2) -> None:
+    # Two CPU cores: more than two forward passes at once only adds latency to each.
+    demo.queue(default_concurrency_limit=concurrency, max_size=64)
+    demo.launch(server_name=host, server_port=port, max_file_size=MAX_UPLOAD, ssr_mode=False, show_error=True)

@@ -1,0 +1,136 @@
+"""Layouts, label names, broken files, splits and clear failures of bonebreak.data."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from bonebreak.data import DatasetError, clean_label, detect_layout, load_splits, resolve_data_dir
+from conftest import write_image
+
+CLASSES = ["Hairline Fracture", "Avulsion fracture", "Fracture Dislocation"]
+CLEAN = ["Avulsion", "Fracture Dislocation", "Hairline"]
+
+
+def add_broken(folder: Path) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "zero.jpg").write_bytes(b"")
+    (folder / "notes.jpg").write_text("not an image")
+    good = write_image(folder / "cut_source.png", 99)
+    (folder / "cut.png").write_bytes(good.read_bytes()[:200])
+    good.unlink()
+    return ["zero.jpg", "notes.jpg", "cut.png"]
+
+
+def make_kaggle(root: Path, n_train: int = 8, n_test: int = 2) -> Path:
+    seed = 0
+    for name in CLASSES:
+        for split, n in (("Train", n_train), ("Test", n_test)):
+            for i in range(n):
+                seed += 1
+                write_image(root / name / split / f"{i}.jpg", seed)
+    return root
+
+
+def make_roboflow(root: Path) -> Path:
+    seed = 100
+    for split, n in (("train", 6), ("valid", 2), ("test", 2)):
+        for name in CLASSES:
+            for i in range(n):
+                seed += 1
+                write_image(root / split / name.replace(" ", "_") / f"{i}.png", seed)
+    return root
+
+
+def make_plain(root: Path) -> Path:
+    for k, name in enumerate(CLASSES):
+        for i in range(7):
+            write_image(root / name / f"{i}.png", 200 + 10 * k + i)
+    return root
+
+
+@pytest.mark.parametrize(
+    "folder, expected",
+    [("Hairline Fracture", "Hairline"), ("Avulsion fracture", "Avulsion"), ("Fracture Dislocation", "Fracture Dislocation"),
+     ("spiral_fracture", "Spiral"), ("greenstick-fracture", "Greenstick"), ("  Oblique   Fracture ", "Oblique")],
+)
+def test_clean_label(folder, expected):
+    assert clean_label(folder) == expected
+
+
+def test_kaggle_layout_with_broken_files(tmp_path, caplog):
+    root = make_kaggle(tmp_path / "kaggle")
+    broken = add_broken(root / "Hairline Fracture" / "Train")
+    assert detect_layout(root) == "kaggle"
+    with caplog.at_level(logging.INFO, logger="bonebreak.data"):
+        data = load_splits(root, val_fraction=0.25, seed=1)
+    assert data.labels == CLEAN  # not "Train"/"Test", which a naive imagefolder load would give
+    assert sorted(p.name for p, _ in data.broken) == sorted(broken)
+    for name in broken:  # one warning naming each file
+        assert sum(name in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING) == 1
+    assert data.counts["test"] == {label: 2 for label in CLEAN}
+    assert data.counts["validation"] == {label: 2 for label in CLEAN}  # stratified: 25% of 8 per class
+    assert sum(data.counts["train"].values()) == 18
+    assert "train: 18 images" in caplog.text and "test: 6 images" in caplog.text
+    features = data.splits["train"].features
+    assert features["label"].names == CLEAN and "image" in features
+
+
+def test_validation_split_is_seeded_and_disjoint(tmp_path):
+    root = make_kaggle(tmp_path / "kaggle")
+    first, again, other = (load_splits(root, val_fraction=0.25, seed=s) for s in (1, 1, 2))
+    paths = lambda d, s: sorted(x["path"] for x in d.splits[s].cast_column("image", __import__("datasets").Image(decode=False))["image"])
+    assert paths(first, "validation") == paths(again, "validation")
+    assert paths(first, "validation") != paths(other, "validation")
+    assert not set(paths(first, "validation")) & set(paths(first, "train"))
+    assert not set(paths(first, "test")) & (set(paths(first, "train")) | set(paths(first, "validation")))
+
+
+def test_roboflow_layout_keeps_its_validation_split(tmp_path):
+    root = make_roboflow(tmp_path / "rf")
+    assert detect_layout(root) == "roboflow"
+    data = load_splits(root)
+    assert data.labels == CLEAN
+    assert {s: sum(c.values()) for s, c in data.counts.items()} == {"train": 18, "validation": 6, "test": 6}
+
+
+def test_plain_layout_carves_validation_and_has_no_test(tmp_path):
+    root = make_plain(tmp_path / "plain")
+    add_broken(root / "Avulsion fracture")
+    assert detect_layout(root) == "plain"
+    data = load_splits(root, val_fraction=0.3)
+    assert set(data.splits) == {"train", "validation"}
+    assert all(v >= 2 for v in data.counts["validation"].values())
+    assert len(data.broken) == 3
+
+
+def test_clear_errors(tmp_path):
+    with pytest.raises(DatasetError, match="does not exist.*--data_dir"):
+        load_splits(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="no image files"):
+        load_splits(tmp_path / "empty")
+    for i in range(4):
+        write_image(tmp_path / "one" / "Spiral Fracture" / f"{i}.png", i)
+    with pytest.raises(DatasetError, match="at least 2 class"):
+        load_splits(tmp_path / "one")
+    with pytest.raises(ValueError, match="--val_fraction"):
+        load_splits(tmp_path / "one", val_fraction=1.5)
+
+
+def test_data_dir_precedence(monkeypatch, tmp_path):
+    monkeypatch.delenv("BONEBREAK_DATA", raising=False)
+    assert resolve_data_dir(None) == Path("data/bone-break")
+    monkeypatch.setenv("BONEBREAK_DATA", str(tmp_path / "env"))
+    assert resolve_data_dir(None) == tmp_path / "env"
+    assert resolve_data_dir(tmp_path / "flag") == tmp_path / "flag"
+
+
+def test_real_dataset_counts_match_provenance(real_data):
+    data = load_splits(real_data, check_images=False)
+    assert data.layout == "kaggle" and len(data.labels) == 10
+    assert sum(data.counts["test"].values()) == 140
+    assert sum(data.counts["train"].values()) + sum(data.counts["validation"].values()) == 989
+    assert data.counts["test"]["Hairline"] == 10 and data.counts["test"]["Fracture Dislocation"] == 19

@@ -3,10 +3,11 @@
 import logging
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from transformers import HfArgumentParser
 
+from bonebreak.images import DEFAULT_LIMITS, DecodeLimits
 from bonebreak.inference import DEFAULT_UNSURE_BELOW, Predictor
 from bonebreak.models import ModelLoadError
 from bonebreak.ui import build_demo, launch
@@ -27,16 +28,29 @@ class AppArguments:
         default=DEFAULT_UNSURE_BELOW, metadata={"help": "Say 'unsure' when the top probability is below this."}
     )
     concurrency: int = field(default=2, metadata={"help": "Predictions run at once (2 suits a 2-core CPU)."})
+    max_upload_mb: int = field(default=20, metadata={"help": "Largest upload accepted, in MB."})
+    max_image_megapixels: float = field(
+        default=DEFAULT_LIMITS.max_pixels / 1e6, metadata={"help": "Refuse images with more pixels than this (decompression bombs)."}
+    )
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.port <= 65535:
+            raise ValueError(f"--port must be between 1 and 65535, got {self.port}")
+        if self.concurrency < 1 or self.max_upload_mb < 1 or self.max_image_megapixels <= 0:
+            raise ValueError("--concurrency, --max_upload_mb and --max_image_megapixels must be positive")
+
+    def decode_limits(self) -> DecodeLimits:
+        return replace(DEFAULT_LIMITS, max_bytes=self.max_upload_mb * 1024 * 1024, max_pixels=int(self.max_image_megapixels * 1e6))
 
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    (args,) = HfArgumentParser(AppArguments).parse_args_into_dataclasses()
     try:
-        predictor = Predictor.from_checkpoint(args.model_path, unsure_below=args.unsure_below)
+        (args,) = HfArgumentParser(AppArguments).parse_args_into_dataclasses()
+        predictor = Predictor.from_checkpoint(args.model_path, unsure_below=args.unsure_below, limits=args.decode_limits())
     except (ModelLoadError, ValueError) as error:
         sys.exit(f"error: {error}")
-    launch(build_demo(predictor), args.host, args.port, args.concurrency)
+    launch(build_demo(predictor), args.host, args.port, args.concurrency, args.max_upload_mb)
 
 
 if __name__ == "__main__":

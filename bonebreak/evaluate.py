@@ -23,7 +23,7 @@ from transformers import HfArgumentParser
 
 from .data import SPLITS, load_splits, resolve_data_dir
 from .inference import Predictor
-from .metrics import TOP_K, classification_metrics, headline
+from .metrics import TOP_K, bootstrap_intervals, classification_metrics, headline
 from .plots import plot_confusion_matrix
 
 logger = logging.getLogger(__name__)
@@ -86,7 +86,9 @@ def evaluate_split(
     mapping = label_index_map(data_labels, predictor.labels)
     truth = np.array([mapping[i] for i in dataset["label"]])
     probs = predict_dataset(predictor, dataset, batch_size)
-    return classification_metrics(truth, probs, predictor.labels), truth, probs
+    metrics = classification_metrics(truth, probs, predictor.labels)
+    metrics["ci95"] = bootstrap_intervals(truth, probs)
+    return metrics, truth, probs
 
 
 def write_report(
@@ -123,7 +125,10 @@ def write_report(
 
 def format_table(metrics: dict[str, Any], title: str) -> str:
     lines = [title, "-" * len(title)]
-    lines += [f"{name:<20} {value:.4f}" for name, value in headline(metrics).items()]
+    intervals = metrics.get("ci95", {})
+    for name, value in headline(metrics).items():
+        ci = f"  (95% CI {intervals[name][0]:.3f}-{intervals[name][1]:.3f})" if name in intervals else ""
+        lines.append(f"{name:<20} {value:.4f}{ci}")
     lines.append(f"{'images':<20} {metrics['n']}")
     lines.append("")
     lines.append(f"{'class':<22}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>9}")
@@ -144,6 +149,31 @@ def run_evaluation(
     return metrics
 
 
+def ood_check(predictor: Predictor, dataset: datasets.Dataset, out_dir: str | Path | None = None) -> dict[str, Any] | None:
+    """How well the X-ray check separates this split's X-rays from photos that are not X-rays."""
+    from .calibration import auroc, natural_photos
+
+    if predictor.ood is None:
+        return None
+    _, xray_embeddings = predictor.logits_and_embeddings(image_paths(dataset))
+    photos = natural_photos()
+    _, photo_embeddings = predictor.logits_and_embeddings([image for _, image in photos])
+    xray_scores, photo_scores = predictor.ood.scores(xray_embeddings), predictor.ood.scores(photo_embeddings)
+    result = {
+        "auroc_photos_vs_xrays": auroc(photo_scores, xray_scores),
+        "xrays_flagged": float(np.mean(xray_scores > predictor.ood.threshold)),
+        "photos_flagged": float(np.mean(photo_scores > predictor.ood.threshold)),
+        "n_xrays": len(xray_scores),
+        "n_photos": len(photo_scores),
+        "photos_missed": [name for (name, _), score in zip(photos, photo_scores) if score <= predictor.ood.threshold],
+        "threshold": predictor.ood.threshold,
+    }
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "ood.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     (args,) = HfArgumentParser(EvalArguments).parse_args_into_dataclasses(args=argv)
@@ -154,6 +184,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out_dir = Path(args.report_dir or Path("reports") / f"{Path(args.model_path).name}-{args.split}")
     metrics = run_evaluation(predictor, data.splits[args.split], data.labels, args.split, out_dir, args.batch_size)
     print(format_table(metrics, f"{args.model_path} on {args.split}"))
+    ood = ood_check(predictor, data.splits[args.split], out_dir)
+    if ood is not None:
+        metrics["ood"] = ood
+        print(f"\nX-ray check: AUROC {ood['auroc_photos_vs_xrays']:.3f} (non-X-ray photos vs these X-rays), "
+              f"{ood['xrays_flagged']:.1%} of X-rays and {ood['photos_flagged']:.1%} of photos flagged")
     if "note" in metrics:
         print(f"\nNote: {metrics['note']}")
     print(f"\nReport written to {out_dir}")

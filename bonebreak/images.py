@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
@@ -95,6 +96,8 @@ def _open_pil(data: bytes, name: str, limits: DecodeLimits) -> Image.Image:
         raise ImageLoadError(
             f"{name}: not a supported image (expected JPEG, PNG, BMP, GIF, TIFF, WebP or DICOM)"
         ) from error
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as error:  # a known format, broken header
+        raise ImageLoadError(f"{name}: image data is truncated or corrupt ({error})") from error
     width, height = image.size
     if width * height > limits.max_pixels:
         raise ImageLoadError(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -16,12 +17,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .calibration import TEMPERATURE_KEY, OODDetector, classifier_layer
 from .images import DEFAULT_LIMITS, DecodeLimits, ImageSource, load_image
 from .models import load_checkpoint
 from .transforms import PreprocessConfig, eval_transform, preprocess_config_from_processor
 
 DEFAULT_UNSURE_BELOW = 0.5
-TEMPERATURE_KEY = "bonebreak_temperature"
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,8 @@ class Prediction:
 
     probabilities: dict[str, float]
     unsure_below: float = DEFAULT_UNSURE_BELOW
+    ood_score: float | None = None  # distance to the nearest training X-ray (None: no detector)
+    ood_threshold: float | None = None
     top_label: str = field(init=False)
     top_probability: float = field(init=False)
 
@@ -41,6 +44,11 @@ class Prediction:
     @property
     def unsure(self) -> bool:
         return self.top_probability < self.unsure_below
+
+    @property
+    def not_xray(self) -> bool:
+        """True when the image is unlike every training X-ray (photo, screenshot, other scan)."""
+        return self.ood_score is not None and self.ood_threshold is not None and self.ood_score > self.ood_threshold
 
     def top(self, k: int = 3) -> dict[str, float]:
         return dict(list(self.probabilities.items())[:k])
@@ -62,6 +70,8 @@ class Predictor:
         device: str | torch.device | None = None,
         limits: DecodeLimits = DEFAULT_LIMITS,
         unsure_below: float = DEFAULT_UNSURE_BELOW,
+        temperature: float = 1.0,
+        ood: OODDetector | None = None,
     ) -> None:
         if not 0.0 <= unsure_below <= 1.0:
             raise ValueError(f"unsure threshold must be between 0 and 1, got {unsure_below}")
@@ -73,11 +83,22 @@ class Predictor:
         self.unsure_below = unsure_below
         config = model.config
         self.labels = [config.id2label[i] for i in range(config.num_labels)]
-        self.temperature = float(getattr(config, TEMPERATURE_KEY, None) or 1.0)
+        self.temperature = temperature
+        self.ood = ood
+        # The classifier's input is the embedding; per-thread because Gradio runs requests in threads.
+        self._captured = threading.local()
+        classifier_layer(self.model).register_forward_pre_hook(self._capture)
+
+    def _capture(self, _module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        self._captured.embedding = args[0].detach()
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, device: str | None = None, **kwargs) -> "Predictor":
+    def from_checkpoint(cls, path: str | os.PathLike, device: str | None = None, calibrated: bool = True, **kwargs) -> "Predictor":
+        """Load a checkpoint with its fitted temperature and X-ray check (unless ``calibrated=False``)."""
         model, processor = load_checkpoint(path)
+        if calibrated:
+            kwargs.setdefault("temperature", float(getattr(model.config, TEMPERATURE_KEY, None) or 1.0))
+            kwargs.setdefault("ood", OODDetector.load(path))
         return cls(model, preprocess_config_from_processor(processor), device=device, **kwargs)
 
     def load(self, source: ImageSource) -> Image.Image:
@@ -87,22 +108,40 @@ class Predictor:
         return torch.stack([self.transform(image) for image in images]).to(self.device)
 
     @torch.inference_mode()
-    def probabilities(self, images: Sequence[ImageSource], batch_size: int = 16) -> np.ndarray:
-        """Softmax probabilities (n_images, n_labels) for already-valid images or paths."""
-        chunks = []
+    def logits_and_embeddings(self, images: Sequence[ImageSource], batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+        """Raw logits and penultimate embeddings for images or paths (decoded in batches)."""
+        logits, embeddings = [], []
         for start in range(0, len(images), batch_size):
             decoded = [self.load(image) for image in images[start : start + batch_size]]
-            logits = self.model(pixel_values=self._batch(decoded)).logits.float()
-            chunks.append(torch.softmax(logits / self.temperature, dim=-1).cpu().numpy())
-        return np.concatenate(chunks) if chunks else np.zeros((0, len(self.labels)))
+            logits.append(self.model(pixel_values=self._batch(decoded)).logits.float().cpu().numpy())
+            embeddings.append(self._captured.embedding.float().flatten(1).cpu().numpy())
+        if not logits:
+            return np.zeros((0, len(self.labels))), np.zeros((0, 0))
+        return np.concatenate(logits), np.concatenate(embeddings)
 
-    def to_prediction(self, probs: np.ndarray) -> Prediction:
+    def probabilities(self, images: Sequence[ImageSource], batch_size: int = 16) -> np.ndarray:
+        """Calibrated softmax probabilities (n_images, n_labels)."""
+        logits, _ = self.logits_and_embeddings(images, batch_size)
+        return torch.softmax(torch.from_numpy(logits) / self.temperature, dim=-1).numpy()
+
+    def predictions(self, images: Sequence[ImageSource], batch_size: int = 16) -> list[Prediction]:
+        logits, embeddings = self.logits_and_embeddings(images, batch_size)
+        probs = torch.softmax(torch.from_numpy(logits) / self.temperature, dim=-1).numpy()
+        scores = self.ood.scores(embeddings) if self.ood is not None else [None] * len(probs)
+        return [self.to_prediction(p, s) for p, s in zip(probs, scores)]
+
+    def to_prediction(self, probs: np.ndarray, ood_score: float | None = None) -> Prediction:
         order = np.argsort(-probs)
-        return Prediction({self.labels[i]: float(probs[i]) for i in order}, unsure_below=self.unsure_below)
+        return Prediction(
+            {self.labels[i]: float(probs[i]) for i in order},
+            unsure_below=self.unsure_below,
+            ood_score=None if ood_score is None else float(ood_score),
+            ood_threshold=self.ood.threshold if self.ood is not None else None,
+        )
 
     def predict(self, source: ImageSource) -> Prediction:
         """Decode one image (path, bytes, PIL or array) and classify it."""
-        return self.to_prediction(self.probabilities([source])[0])
+        return self.predictions([source])[0]
 
     def grad_cam(self, source: ImageSource, label: str | None = None) -> tuple[Image.Image, np.ndarray]:
         """Grad-CAM on the last feature map; returns (model's view of the image, heat map 0..1).

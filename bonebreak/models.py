@@ -208,15 +208,19 @@ def save_checkpoint(
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.parent / f".{path.name}.saving-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging, safe_serialization=True)
-    if not isinstance(processor, TimmWrapperImageProcessor):  # timm keeps it inside config.json
-        processor.save_pretrained(staging)
-    for name, content in (extra_files or {}).items():
-        target = staging / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(content) if isinstance(content, bytes) else target.write_text(content)
-    for name, source in (extra_dirs or {}).items():
-        shutil.copytree(source, staging / name)
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        if not isinstance(processor, TimmWrapperImageProcessor):  # timm keeps it inside config.json
+            processor.save_pretrained(staging)
+        for name, content in (extra_files or {}).items():
+            target = staging / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(content) if isinstance(content, bytes) else target.write_text(content)
+        for name, source in (extra_dirs or {}).items():
+            shutil.copytree(source, staging / name)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     old = path.parent / f".{path.name}.old-{os.getpid()}"
     if path.exists():
         os.replace(path, old)

@@ -49,6 +49,7 @@ class Row:
     path: str
     top: dict[str, float] = field(default_factory=dict)
     unsure: bool = False
+    not_xray: bool = False
     error: str | None = None
 
 
@@ -81,9 +82,8 @@ def predict_files(predictor: Predictor, files: list[Path], top_k: int = 3, batch
                 row.error = str(error)
             rows.append(row)
         if decoded:
-            for row, probs in zip(chunk_rows, predictor.probabilities(decoded, batch_size=batch_size)):
-                prediction = predictor.to_prediction(probs)
-                row.top, row.unsure = prediction.top(top_k), prediction.unsure
+            for row, prediction in zip(chunk_rows, predictor.predictions(decoded, batch_size=batch_size)):
+                row.top, row.unsure, row.not_xray = prediction.top(top_k), prediction.unsure, prediction.not_xray
         bar.update(len(chunk))
     bar.close()
     return rows
@@ -93,7 +93,7 @@ def format_rows(rows: list[Row], fmt: str, top_k: int) -> str:
     if fmt == "json":
         return json.dumps(
             [
-                {"path": r.path, "predictions": [{"label": k, "probability": round(v, 6)} for k, v in r.top.items()], "unsure": r.unsure, "error": r.error}
+                {"path": r.path, "predictions": [{"label": k, "probability": round(v, 6)} for k, v in r.top.items()], "unsure": r.unsure, "not_xray": r.not_xray, "error": r.error}
                 for r in rows
             ],
             indent=2,
@@ -101,11 +101,12 @@ def format_rows(rows: list[Row], fmt: str, top_k: int) -> str:
     if fmt == "csv":
         out = io.StringIO()
         writer = csv.writer(out)
-        writer.writerow(["path", "status"] + [f"{kind}{i + 1}" for i in range(top_k) for kind in ("label", "probability")] + ["unsure", "error"])
+        writer.writerow(["path", "status"] + [f"{kind}{i + 1}" for i in range(top_k) for kind in ("label", "probability")] + ["unsure", "not_xray", "error"])
         for r in rows:
             cells = [c for label, p in r.top.items() for c in (label, f"{p:.4f}")]
             cells += [""] * (2 * top_k - len(cells))
-            writer.writerow([r.path, "error" if r.error else "ok"] + cells + [r.unsure if not r.error else "", r.error or ""])
+            flags = ["", ""] if r.error else [r.unsure, r.not_xray]
+            writer.writerow([r.path, "error" if r.error else "ok"] + cells + flags + [r.error or ""])
         return out.getvalue().rstrip("\n")
     width = max([len(r.path) for r in rows] + [4])
     lines = [f"{'file':<{width}}  prediction"]
@@ -114,6 +115,8 @@ def format_rows(rows: list[Row], fmt: str, top_k: int) -> str:
             detail = f"ERROR: {r.error}"
         else:
             detail = ", ".join(f"{label} {p:.1%}" for label, p in r.top.items()) + ("  (unsure)" if r.unsure else "")
+            if r.not_xray:
+                detail = "NOT A BONE X-RAY? " + detail
         lines.append(f"{r.path:<{width}}  {detail}")
     return "\n".join(lines)
 

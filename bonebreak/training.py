@@ -21,10 +21,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import EarlyStoppingCallback, HfArgumentParser, Trainer, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint, set_seed
+from transformers.trainer_utils import set_seed
 
 from .data import LoadedData, load_splits, resolve_data_dir, split_counts_of
-from .evaluate import run_evaluation
+from . import model_card
+from .calibration import OOD_FILE, OODDetector, calibrate_predictor
+from .evaluate import image_paths, run_evaluation
 from .inference import Predictor
 from .metrics import classification_metrics, headline
 from .models import create_model, save_checkpoint
@@ -67,6 +69,10 @@ class TrainArguments:
     early_stopping_patience: int = field(
         default=6, metadata={"help": "Stop after this many epochs without a better validation macro-F1 (0: never)."}
     )
+    save_every_steps: int = field(
+        default=0,
+        metadata={"help": "Evaluate and save a resumable checkpoint every N steps (0: at the end of every epoch)."},
+    )
     num_workers: int = field(default=2, metadata={"help": "Data-loading worker processes per training process."})
     logging_steps: int = field(default=10, metadata={"help": "Log the training loss every N steps."})
     max_train_samples: int | None = field(
@@ -86,6 +92,7 @@ class TrainArguments:
             "--label_smoothing": 0 <= self.label_smoothing < 1,
             "--num_workers": self.num_workers >= 0,
             "--early_stopping_patience": self.early_stopping_patience >= 0,
+            "--save_every_steps": self.save_every_steps >= 0,
         }
         bad = [flag for flag, ok in checks.items() if not ok]
         if bad:
@@ -140,8 +147,10 @@ def training_arguments(args: TrainArguments) -> TrainingArguments:
         weight_decay=args.weight_decay,
         warmup_steps=args.warmup_ratio,
         lr_scheduler_type="cosine",
-        eval_strategy="epoch",
-        save_strategy="epoch",
+        eval_strategy="steps" if args.save_every_steps else "epoch",
+        save_strategy="steps" if args.save_every_steps else "epoch",
+        eval_steps=args.save_every_steps or None,
+        save_steps=args.save_every_steps or 500,
         save_total_limit=2,
         load_best_model_at_end=True,
         metric_for_best_model="macro_f1",
@@ -173,9 +182,26 @@ def prepare_data(args: TrainArguments) -> LoadedData:
     return data
 
 
+RESUME_FILES = ("trainer_state.json", "model.safetensors", "optimizer.pt", "scheduler.pt")
+
+
+def last_complete_checkpoint(work_dir: Path) -> str | None:
+    """Newest ``checkpoint-N`` that was written to the end (a kill while saving leaves a partial one).
+
+    Trainer writes ``trainer_state.json`` last, so its presence marks a finished save.
+    """
+    candidates = sorted(work_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1)
+    for folder in reversed(candidates):
+        missing = [name for name in RESUME_FILES if not (folder / name).is_file()]
+        if not missing:
+            return str(folder)
+        logger.warning("skipping incomplete checkpoint %s (missing %s)", folder, ", ".join(missing))
+    return None
+
+
 def resume_point(args: TrainArguments) -> str | None:
     """The checkpoint to resume from, refusing to silently clobber an earlier run."""
-    last = get_last_checkpoint(str(args.work_dir)) if args.work_dir.is_dir() else None
+    last = last_complete_checkpoint(args.work_dir) if args.work_dir.is_dir() else None
     if args.resume:
         if last is None:
             logger.warning("--resume given but %s holds no checkpoint: starting from scratch", args.work_dir)
@@ -246,24 +272,38 @@ def summarise(args: TrainArguments, data: LoadedData, trainer: Trainer, train_se
     }
 
 
+def calibrate(model: Any, processor: Any, data: LoadedData, out_dir: Path) -> tuple[Predictor, dict]:
+    """Fit temperature and the X-ray check on validation; returns the calibrated predictor."""
+    raw = Predictor(model, preprocess_config_from_processor(processor))
+    result = calibrate_predictor(raw, image_paths(data.splits["train"]), image_paths(data.splits["validation"]),
+                                 data.splits["validation"]["label"], out_dir)
+    raw.temperature, raw.ood = result["temperature"], OODDetector.load(out_dir)
+    return raw, result
+
+
 def write_outputs(args: TrainArguments, data: LoadedData, trainer: Trainer, summary: dict, processor: Any) -> Path:
-    """Evaluate on test (if asked), plot curves, and save the final model atomically."""
+    """Calibrate, evaluate on validation and test, plot, write the model card, save atomically."""
     model = trainer.accelerator.unwrap_model(trainer.model)
-    with tempfile.TemporaryDirectory() as scratch:
-        extra_dirs = {}
-        if args.evaluate_test and "test" in data.splits:
-            predictor = Predictor(model, preprocess_config_from_processor(processor))
-            test = run_evaluation(predictor, data.splits["test"], data.labels, "test", Path(scratch) / "eval_test")
-            summary["test"] = {**headline(test), "note": test["note"]}
-            extra_dirs["eval_test"] = Path(scratch) / "eval_test"
-        plot_training_curves(trainer.state.log_history, Path(scratch) / "training_curves.png")
+    splits = ["validation"] + (["test"] if args.evaluate_test and "test" in data.splits else [])
+    with tempfile.TemporaryDirectory() as scratch_name:
+        scratch = Path(scratch_name)
+        predictor, summary["calibration"] = calibrate(model, processor, data, scratch)
+        reports = {
+            split: run_evaluation(predictor, data.splits[split], data.labels, split, scratch / f"eval_{split}")
+            for split in splits
+        }
+        if "test" in reports:
+            summary["test"] = {**headline(reports["test"]), "ci95": reports["test"]["ci95"], "note": reports["test"]["note"]}
+        plot_training_curves(trainer.state.log_history, scratch / "training_curves.png")
         extra = {
             "metrics.json": json.dumps(summary, indent=2),
             "log_history.json": json.dumps(trainer.state.log_history, indent=2),
-            "training_curves.png": (Path(scratch) / "training_curves.png").read_bytes(),
+            "README.md": model_card.render(summary, reports),
         }
+        extra.update({name: (scratch / name).read_bytes() for name in ("training_curves.png", "reliability_validation.png", OOD_FILE, "calibration.json")})
         model.to("cpu")
-        return save_checkpoint(model, processor, args.output_dir, extra_files=extra, extra_dirs=extra_dirs)
+        return save_checkpoint(model, processor, args.output_dir, extra_files=extra,
+                               extra_dirs={f"eval_{split}": scratch / f"eval_{split}" for split in splits})
 
 
 def run_training(args: TrainArguments) -> dict:

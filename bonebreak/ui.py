@@ -21,12 +21,15 @@ logger = logging.getLogger(__name__)
 
 INFO_FILE = Path(__file__).with_name("fracture_info.json")
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
-MAX_UPLOAD = "20mb"
 NOTICE = (
     "**Research demo, not a diagnostic device.** The model was trained on about a thousand images of a "
     "small public dataset (Roboflow \"bone-break-classification\", CC BY 4.0) and is often wrong. "
     "It only names a fracture *type*; it cannot tell whether a bone is broken at all. "
     "Never use it for medical decisions: ask a qualified clinician."
+)
+NOT_XRAY = (
+    "**This does not look like a bone X-ray.** It is unlike every radiograph the model was trained on, "
+    "so no fracture type is given. Upload a plain X-ray image of a bone."
 )
 INFO_FIELDS = (("what", "What it is"), ("mechanism", "Typical mechanism"), ("who", "Who gets it"), ("where", "Where it is seen"), ("management", "Usual management"))
 
@@ -74,9 +77,11 @@ class Classifier:
         except Exception as error:  # never let one upload take the server down
             logger.exception("prediction failed for %s", file)
             raise gr.Error(f"Could not process '{name}' ({type(error).__name__}). Please try another image.") from error
+        shown = overlay_heatmap(view, cam) if show_heatmap else image
+        if prediction.not_xray:
+            return {}, NOT_XRAY, shown
         text = verdict(prediction.top_label, prediction.top_probability, prediction.unsure, self.predictor.unsure_below)
         text += "\n\n" + describe(prediction.top_label)
-        shown = overlay_heatmap(view, cam) if show_heatmap else image
         return prediction.top(self.top_k), text, shown
 
 
@@ -89,7 +94,8 @@ def example_files(folder: Path = EXAMPLES_DIR) -> list[str]:
 def build_demo(predictor: Predictor, examples: list[str] | None = None) -> gr.Blocks:
     classify = Classifier(predictor)
     examples = example_files() if examples is None else examples
-    with gr.Blocks(title="BoneBreak: fracture type from an X-ray") as demo:
+    # Uploads and heat maps are cached on disk per request: drop files older than an hour.
+    with gr.Blocks(title="BoneBreak: fracture type from an X-ray", delete_cache=(1800, 3600)) as demo:
         gr.Markdown("# BoneBreak\nUpload a bone X-ray to see which of ten fracture types it most resembles.")
         gr.Markdown(NOTICE, elem_id="notice")
         with gr.Row():
@@ -106,7 +112,8 @@ def build_demo(predictor: Predictor, examples: list[str] | None = None) -> gr.Bl
                 if examples:
                     gr.Examples(examples=[[e] for e in examples], inputs=[upload], label="Example X-rays (CC BY 4.0, see examples/ATTRIBUTION.md)")
             with gr.Column():
-                labels = gr.Label(num_top_classes=classify.top_k, label="Top fracture types (probability)", elem_id="labels")
+                # No big heading: the verdict text says whether the top label is an answer or a guess.
+                labels = gr.Label(num_top_classes=classify.top_k, label="Top fracture types (probability)", show_heading=False, elem_id="labels")
                 picture = gr.Image(label="Model view / heat map", type="pil", interactive=False, elem_id="heatmap")
                 info = gr.Markdown(elem_id="info")
         outputs = [labels, info, picture]
@@ -116,7 +123,8 @@ def build_demo(predictor: Predictor, examples: list[str] | None = None) -> gr.Bl
     return demo
 
 
-def launch(demo: gr.Blocks, host: str, port: int, concurrency: int = 2) -> None:
-    # Two CPU cores: more than two forward passes at once only adds latency to each.
+def launch(demo: gr.Blocks, host: str, port: int, concurrency: int = 2, max_upload_mb: int = 20) -> None:
+    # Two CPU cores: more than two forward passes at once only adds latency to each; the
+    # bounded queue turns a flood into "queue full" errors instead of unbounded memory.
     demo.queue(default_concurrency_limit=concurrency, max_size=64)
-    demo.launch(server_name=host, server_port=port, max_file_size=MAX_UPLOAD, ssr_mode=False, show_error=True)
+    demo.launch(server_name=host, server_port=port, max_file_size=f"{max_upload_mb}mb", ssr_mode=False, show_error=True)

@@ -14,7 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests must never reach for the n
 
 REPO = Path(__file__).resolve().parent.parent
 REAL_DATA = Path(os.environ.get("BONEBREAK_TEST_DATA", REPO.parent / "shared" / "datasets" / "bone-break"))
-SHIPPED_MODEL = REPO / "checkpoints" / "bone_break_model"
+SHIPPED_MODEL = Path(os.environ.get("BONEBREAK_TEST_MODEL", REPO / "checkpoints" / "bone_break_model"))
 
 
 def synthetic_xray(seed: int, size: tuple[int, int] = (96, 80)) -> Image.Image:

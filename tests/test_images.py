@@ -155,6 +155,13 @@ def test_truncated_files_are_refused(tmp_path, suffix):
         load_image(path)
 
 
+def test_broken_header_is_refused(tmp_path):
+    path = tmp_path / "header.jpg"
+    path.write_bytes(b"\xff\xd8\xff\xe0 definitely not a whole jpeg")
+    with pytest.raises(ImageLoadError, match="header.jpg: image data is truncated or corrupt"):
+        load_image(path)
+
+
 def test_tiny_and_elongated_images_are_refused(tmp_path):
     Image.new("RGB", (1, 1)).save(tmp_path / "dot.png")
     Image.new("RGB", (4000, 20)).save(tmp_path / "strip.png")

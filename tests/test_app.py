@@ -1,0 +1,198 @@
+"""The Gradio app: the predict function on every input kind, then the real server in a real
+browser (Debian chromium driven by Playwright) and through gradio_client."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+import pytest
+from PIL import Image
+
+from bonebreak.inference import Predictor
+from bonebreak.ui import NOT_XRAY, Classifier, build_demo, describe, example_files, fracture_info
+from conftest import REPO, SHIPPED_MODEL, synthetic_xray
+from test_images import _bomb_png, gradient16, make_dicom
+
+UPLOAD = "#upload input[type=file]"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def classify(trained_vit) -> Classifier:
+    # Decoding is under test here, so the X-ray check (fitted on 10 images) is left out.
+    return Classifier(Predictor.from_checkpoint(trained_vit, calibrated=False))
+
+
+def test_info_file_covers_every_label(classify):
+    info = fracture_info()
+    for label in classify.predictor.labels:
+        assert set(info[label]) == {"what", "mechanism", "who", "where", "management"}
+        assert "Source:" in describe(label)
+
+
+def good_inputs(folder: Path) -> dict[str, Path]:
+    folder.mkdir(exist_ok=True)
+    base = synthetic_xray(11, size=(200, 160))
+    paths = {}
+    for name, image in {"a.jpg": base, "gray.png": base.convert("L"), "rgba.png": base.convert("RGBA"),
+                        "palette.png": base.quantize(64), "cmyk.jpg": base.convert("CMYK"),
+                        "xray16.png": Image.fromarray(gradient16(160, 200))}.items():
+        image.save(folder / name)
+        paths[name] = folder / name
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    base.save(folder / "exif.jpg", exif=exif)
+    synthetic_xray(12, size=(3000, 2400)).save(folder / "scan.png")
+    make_dicom(folder / "scan.dcm", gradient16(160, 200))
+    paths.update({n: folder / n for n in ("exif.jpg", "scan.png", "scan.dcm")})
+    return paths
+
+
+def bad_inputs(folder: Path) -> dict[str, Path]:
+    folder.mkdir(exist_ok=True)
+    buffer = io.BytesIO()
+    synthetic_xray(13, size=(300, 300)).save(buffer, format="JPEG")
+    contents = {"empty.jpg": b"", "text.jpg": b"just text" * 50, "page.png": b"<html><script>x()</script></html>",
+                "cut.jpg": buffer.getvalue()[:3000], "bomb.png": _bomb_png(30000, 30000),
+                "broken.dcm": b"\x00" * 128 + b"DICM" + b"\x01" * 64}
+    for name, data in contents.items():
+        (folder / name).write_bytes(data)
+    Image.new("RGB", (1, 1)).save(folder / "dot.png")
+    Image.new("RGB", (5000, 30)).save(folder / "strip.png")
+    return {p.name: p for p in folder.iterdir()}
+
+
+def test_every_good_input_kind_predicts(classify, tmp_path):
+    for name, path in good_inputs(tmp_path).items():
+        labels, text, heatmap = classify(str(path), True)
+        assert len(labels) == 3 and abs(sum(labels.values())) <= 1.0 + 1e-6, name
+        assert list(labels.values()) == sorted(labels.values(), reverse=True), name
+        assert "fracture" in text and isinstance(heatmap, Image.Image), name
+    _, _, plain = classify(str(tmp_path / "scan.png"), False)
+    assert max(plain.size) <= 2048  # heat map off: the (downscaled) image itself is shown
+
+
+def test_every_bad_input_gets_a_specific_message_and_the_next_one_works(classify, tmp_path):
+    expected = {"empty.jpg": "empty", "text.jpg": "not a supported image", "page.png": "not a supported image",
+                "cut.jpg": "truncated", "bomb.png": "refused", "broken.dcm": "DICOM", "dot.png": "too small",
+                "strip.png": "aspect ratio"}
+    for name, path in bad_inputs(tmp_path).items():
+        with pytest.raises(gr.Error, match=expected[name]) as info:
+            classify(str(path), True)
+        assert name in str(info.value)
+        labels, _, _ = classify(str(REPO / "examples" / "spiral_fracture.jpg"), True)
+        assert len(labels) == 3
+    with pytest.raises(gr.Error, match="upload an X-ray"):
+        classify(None, True)
+
+
+def test_unsure_is_said_plainly(trained_vit):
+    classify = Classifier(Predictor.from_checkpoint(trained_vit, unsure_below=1.0))
+    _, text, _ = classify(str(REPO / "examples" / "spiral_fracture.jpg"), False)
+    assert text.startswith("**The model is unsure.**")
+    confident = Classifier(Predictor.from_checkpoint(trained_vit, unsure_below=0.0))
+    assert confident(str(REPO / "examples" / "spiral_fracture.jpg"), False)[1].startswith("**Most likely type:")
+
+
+def test_not_an_xray_gets_no_fracture_type(trained_vit):
+    predictor = Predictor.from_checkpoint(trained_vit)
+    assert predictor.ood is not None and predictor.temperature == pytest.approx(
+        json.loads((trained_vit / "calibration.json").read_text())["temperature"])
+    predictor.ood.threshold = -1.0  # everything is unlike the training X-rays
+    labels, text, image = Classifier(predictor)(str(REPO / "examples" / "spiral_fracture.jpg"), False)
+    assert labels == {} and text == NOT_XRAY and isinstance(image, Image.Image)
+
+
+def test_demo_builds_without_side_effects(classify):
+    assert len(example_files()) >= 3
+    demo = build_demo(classify.predictor)
+    assert isinstance(demo, gr.Blocks)
+
+
+# --- the real server -----------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    port = free_port()
+    log = tmp_path_factory.mktemp("server") / "app.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+    with open(log, "w") as handle:
+        process = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--model_path", str(SHIPPED_MODEL)],
+                                   cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"app.py exited early:\n{log.read_text()[-3000:]}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        process.kill()
+        pytest.fail(f"app.py did not start within 180 s:\n{log.read_text()[-3000:]}")
+    yield url
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def test_gradio_client_api(server, tmp_path):
+    from gradio_client import Client, handle_file
+
+    client = Client(server, verbose=False)
+    labels, text, heatmap = client.predict(handle_file(str(REPO / "examples" / "greenstick_fracture.jpg")), True, api_name="/predict")
+    assert len(labels["confidences"]) == 3 and labels["label"] == labels["confidences"][0]["label"]
+    assert "fracture" in text and Path(heatmap).is_file()
+    (tmp_path / "bad.jpg").write_text("nope")
+    with pytest.raises(Exception, match="not a supported image"):
+        client.predict(handle_file(str(tmp_path / "bad.jpg")), True, api_name="/predict")
+    labels, _, _ = client.predict(handle_file(str(REPO / "examples" / "avulsion_fracture.jpg")), False, api_name="/predict")
+    assert len(labels["confidences"]) == 3  # the server still serves after a bad upload
+
+
+def test_browser_upload_shows_labels_info_heatmap_and_errors(server, tmp_path):
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("CI"):
+            pytest.fail("chromium is required in CI (apt-get install chromium)")
+        pytest.skip("Debian chromium is not installed")
+    from playwright.sync_api import expect, sync_playwright
+
+    screenshots = REPO / "tests" / "artifacts"
+    screenshots.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page.goto(server)
+        expect(page.get_by_text("not a diagnostic device")).to_be_visible(timeout=60_000)
+        page.set_input_files(UPLOAD, str(REPO / "examples" / "spiral_fracture.jpg"))
+        labels = page.locator("#labels")
+        expect(labels).to_contain_text("%", timeout=60_000)
+        text = labels.inner_text()
+        assert sum(name in text for name in fracture_info() if not name.startswith("_")) >= 3
+        expect(page.locator("#info")).to_contain_text("Usual management", timeout=30_000)
+        expect(page.locator("#heatmap img")).to_be_visible(timeout=30_000)
+        page.screenshot(path=str(screenshots / "app.png"), full_page=True)
+
+        (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a whole jpeg")
+        page.reload()  # a filled gr.File hides its input; a fresh page is what a new visitor gets
+        page.set_input_files(UPLOAD, str(tmp_path / "broken.jpg"))
+        expect(page.get_by_text("Could not read 'broken.jpg'")).to_be_visible(timeout=30_000)
+        page.screenshot(path=str(screenshots / "app_error.png"), full_page=True)
+        browser.close()

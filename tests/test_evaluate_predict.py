@@ -1,0 +1,106 @@
+"""The evaluation CLI's report and the predict CLI's rows are checked for content."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from bonebreak import evaluate as evaluation
+from bonebreak import predict
+from bonebreak.metrics import classification_metrics
+from conftest import REPO, write_image
+
+
+def test_metrics_on_a_known_case():
+    probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6], [0.5, 0.4, 0.1], [0.2, 0.5, 0.3]])
+    metrics = classification_metrics(np.array([0, 1, 1, 1]), probs, ["a", "b", "c"])
+    assert metrics["accuracy"] == 0.5
+    assert metrics["top3_accuracy"] == 1.0
+    assert metrics["confusion_matrix"] == [[1, 0, 0], [1, 1, 1], [0, 0, 0]]
+    assert metrics["per_class"]["b"] == {"precision": 1.0, "recall": pytest.approx(1 / 3), "f1": 0.5, "support": 3}
+    assert metrics["macro_recall"] == pytest.approx((1 + 1 / 3 + 0) / 3)
+
+
+def test_bootstrap_intervals_cover_the_estimate_and_shrink_with_n():
+    from bonebreak.metrics import bootstrap_intervals
+
+    rng = np.random.default_rng(0)
+    def case(n):
+        labels = rng.integers(0, 4, n)
+        probs = rng.random((n, 4))
+        probs[np.arange(n)[: n // 2], labels[: n // 2]] += 2  # half are right by construction
+        return labels, probs / probs.sum(1, keepdims=True)
+    small, large = case(140), case(5000)
+    ci_small, ci_large = bootstrap_intervals(*small, n_resamples=300), bootstrap_intervals(*large, n_resamples=300)
+    acc_small = float(np.mean(small[1].argmax(1) == small[0]))
+    assert ci_small["accuracy"][0] < acc_small < ci_small["accuracy"][1]
+    assert 0.08 < ci_small["accuracy"][1] - ci_small["accuracy"][0] < 0.25  # about +-8 points at n=140
+    assert ci_large["accuracy"][1] - ci_large["accuracy"][0] < 0.04
+    assert bootstrap_intervals(*small, n_resamples=300, seed=5) == bootstrap_intervals(*small, n_resamples=300, seed=5)
+
+
+def test_evaluate_cli_writes_a_consistent_report(trained_vit, handful, tmp_path, capsys):
+    out = tmp_path / "report"
+    metrics = evaluation.main(["--model_path", str(trained_vit), "--data_dir", str(handful), "--split", "test", "--report_dir", str(out)])
+    printed = capsys.readouterr().out
+    assert "accuracy" in printed and "macro_f1" in printed and "leaks near-duplicates" in printed
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["n"] == 10 and saved["split"] == "test"
+    rows = list(csv.DictReader(open(out / "predictions.csv")))
+    assert len(rows) == 10
+    assert saved["accuracy"] == pytest.approx(np.mean([r["true"] == r["predicted"] for r in rows]))
+    matrix = np.array(json.loads((out / "confusion_matrix.json").read_text())["rows_true_cols_predicted"])
+    assert matrix.sum() == 10 and np.trace(matrix) == round(saved["accuracy"] * 10)
+    assert all(v["support"] == 1 for v in saved["per_class"].values())
+    assert saved["top3_accuracy"] >= saved["accuracy"]
+    assert len(list(csv.DictReader(open(out / "per_class.csv")))) == 10
+    assert (out / "confusion_matrix.png").stat().st_size > 10_000
+    assert metrics["macro_f1"] == saved["macro_f1"]
+    ood = json.loads((out / "ood.json").read_text())
+    assert ood["n_xrays"] == 10 and ood["n_photos"] >= 15 and 0.0 <= ood["auroc_photos_vs_xrays"] <= 1.0
+    assert "X-ray check: AUROC" in printed
+    low, high = saved["ci95"]["accuracy"]
+    assert low <= saved["accuracy"] <= high and "95% CI" in printed
+
+
+def test_evaluate_cli_rejects_bad_split(trained_vit):
+    with pytest.raises(ValueError, match="--split"):
+        evaluation.main(["--model_path", str(trained_vit), "--split", "dev"])
+
+
+def test_predict_cli_formats_and_error_rows(trained_vit, handful, tmp_path, capsys):
+    folder = tmp_path / "inbox"
+    write_image(folder / "good.png", 1)
+    (folder / "bad.jpg").write_text("not an image")
+    real = next((handful / "Spiral Fracture" / "Test").iterdir())
+    code = predict.main(["--model_path", str(trained_vit), "--format", "json", str(folder), str(real), str(tmp_path / "missing.png")])
+    assert code == 0
+    rows = {r["path"].split("/")[-1]: r for r in json.loads(capsys.readouterr().out)}
+    assert set(rows) == {"bad.jpg", "good.png", real.name, "missing.png"}
+    assert "not a supported image" in rows["bad.jpg"]["error"] and "not found" in rows["missing.png"]["error"]
+    good = rows[real.name]["predictions"]
+    assert len(good) == 3 and good[0]["probability"] >= good[1]["probability"] >= good[2]["probability"]
+
+    assert predict.main(["--model_path", str(trained_vit), "--format", "csv", "--top_k", "2", str(folder)]) == 0
+    lines = list(csv.reader(capsys.readouterr().out.splitlines()))
+    assert lines[0] == ["path", "status", "label1", "probability1", "label2", "probability2", "unsure", "not_xray", "error"]
+    assert [row[1] for row in lines[1:]] == ["error", "ok"]
+
+    assert predict.main(["--model_path", str(trained_vit), str(folder / "good.png")]) == 0
+    assert "%" in capsys.readouterr().out
+
+
+def test_predict_cli_exit_codes(trained_vit, tmp_path):
+    run = lambda *args: subprocess.run([sys.executable, "-m", "bonebreak.predict", *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+    missing = run("--model_path", str(trained_vit), str(tmp_path / "nothing.png"))
+    assert missing.returncode == 2 and "none of the given paths exist" in missing.stderr
+    write_image(tmp_path / "x.png", 3)
+    no_model = run("--model_path", str(tmp_path / "no_model"), str(tmp_path / "x.png"))
+    assert no_model.returncode == 1 and "checkpoint folder" in no_model.stderr
+    bad_flag = run("--format", "xml", str(tmp_path / "x.png"))
+    assert bad_flag.returncode != 0 and "--format" in bad_flag.stderr

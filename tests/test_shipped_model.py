@@ -1,0 +1,55 @@
+"""The checkpoint committed in the repo: loads everywhere users load it, and says what it measured."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from conftest import REPO, SHIPPED_MODEL
+
+TYPES = ["Avulsion", "Comminuted", "Fracture Dislocation", "Greenstick", "Hairline", "Impacted", "Longitudinal", "Oblique", "Pathological", "Spiral"]
+
+
+def test_shipped_checkpoint_is_small_and_safetensors_only():
+    files = {p.name for p in SHIPPED_MODEL.iterdir()}
+    assert {"config.json", "model.safetensors", "metrics.json", "training_curves.png"} <= files
+    assert not any(name.endswith((".bin", ".pt", ".pth", ".pkl")) for name in files)
+    total = sum(p.stat().st_size for p in SHIPPED_MODEL.rglob("*") if p.is_file())
+    assert total < 25 * 1024 * 1024
+
+
+def test_shipped_checkpoint_loads_with_pipeline_and_auto_classes():
+    from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
+
+    model = AutoModelForImageClassification.from_pretrained(SHIPPED_MODEL)
+    assert [model.config.id2label[i] for i in range(10)] == TYPES
+    AutoImageProcessor.from_pretrained(SHIPPED_MODEL)
+    classifier = pipeline("image-classification", model=str(SHIPPED_MODEL), top_k=3)
+    result = classifier(Image.open(REPO / "examples" / "spiral_fracture.jpg").convert("RGB"))
+    assert len(result) == 3 and all(r["label"] in TYPES for r in result)
+    assert result[0]["score"] >= result[1]["score"] >= result[2]["score"]
+
+
+def test_our_predictor_agrees_with_the_pipeline():
+    from transformers import pipeline
+
+    from bonebreak.inference import Predictor
+
+    image = Image.open(REPO / "examples" / "greenstick_fracture.jpg").convert("RGB")
+    ours = Predictor.from_checkpoint(SHIPPED_MODEL, device="cpu").predict(image)
+    theirs = pipeline("image-classification", model=str(SHIPPED_MODEL), top_k=10)(image)
+    assert ours.top_label == theirs[0]["label"]
+    for row in theirs:
+        assert ours.probabilities[row["label"]] == pytest.approx(row["score"], abs=0.03)
+
+
+def test_shipped_metrics_are_recorded_with_the_leakage_note():
+    metrics = json.loads((SHIPPED_MODEL / "metrics.json").read_text())
+    assert metrics["labels"] == TYPES and metrics["model"] == "efficientnet_lite0"
+    assert sum(metrics["counts"]["test"].values()) == 140
+    assert "leaks near-duplicates" in metrics["test"]["note"]
+    report = json.loads((SHIPPED_MODEL / "eval_test" / "metrics.json").read_text())
+    assert report["n"] == 140 and report["accuracy"] == metrics["test"]["accuracy"]
+    assert metrics["test"]["accuracy"] > 0.2  # far above the 10% of chance, whatever leakage adds

@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     (args,) = HfArgumentParser(CalibrateArguments).parse_args_into_dataclasses(args=argv)
     summary = json.loads((Path(args.model_path) / "metrics.json").read_text())["arguments"]
-    data = load_splits(resolve_data_dir(args.data_dir), val_fraction=summary["val_fraction"], seed=summary["seed"])
+    data = load_splits(resolve_data_dir(args.data_dir), val_fraction=summary["val_fraction"], seed=summary["seed"], split_manifest=summary.get("split_manifest", "none"))
     result = calibrate_checkpoint(args.model_path, image_paths(data.splits["train"]), image_paths(data.splits["validation"]),
                                   data.splits["validation"]["label"])
     print(json.dumps(result, indent=2))

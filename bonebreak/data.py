@@ -38,7 +38,8 @@ SPLIT_ALIASES = {
     "test": "test",
     "testing": "test",
 }
-SPLITS = ("train", "validation", "test")
+SPLITS = ("train", "validation", "test", "clean_test")
+DEFAULT_MANIFEST = Path(__file__).resolve().parent.parent / "splits" / "bone_break_manifest.csv"
 
 
 class DatasetError(ValueError):
@@ -49,7 +50,7 @@ class DatasetError(ValueError):
 class Sample:
     path: Path
     label: str
-    split: str  # one of SPLITS
+    split: str  # one of SPLITS, or "test_leaked" (a published Test image with a near-copy in Train)
 
 
 def resolve_data_dir(option: str | os.PathLike | None = None) -> Path:
@@ -179,6 +180,60 @@ def to_dataset(samples: list[Sample], labels: list[str]) -> datasets.Dataset:
     )
 
 
+def read_manifest(path: str | os.PathLike) -> dict[str, str]:
+    """relative path -> split, from a manifest written by ``python -m bonebreak.audit``."""
+    import csv
+
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows or not {"path", "split"} <= set(rows[0]):
+        raise DatasetError(f"{path}: not a split manifest (expected columns path,label,split[,group])")
+    return {row["path"]: row["split"] for row in rows}
+
+
+def read_manifest_groups(path: str | os.PathLike, root: Path) -> dict[Path, str]:
+    """absolute image path -> near-duplicate group id, from the manifest's ``group`` column."""
+    import csv
+
+    with open(path, newline="") as handle:
+        return {root / row["path"]: row.get("group") or row["path"] for row in csv.DictReader(handle)}
+
+
+def apply_manifest(samples: list[Sample], root: Path, manifest: dict[str, str], exact: bool = False) -> list[Sample] | None:
+    """Re-split samples as the manifest says, or None if it does not describe every file
+    (with ``exact``, also None if it lists files that are not there: a different folder)."""
+    relative = [s.path.relative_to(root).as_posix() for s in samples]
+    if not all(r in manifest for r in relative) or (exact and len(set(relative)) != len(manifest)):
+        return None
+    return [Sample(s.path, s.label, manifest[r]) for s, r in zip(samples, relative)]
+
+
+def _manifest_path(manifest: str | os.PathLike | None) -> Path | None:
+    if manifest is None or str(manifest).lower() == "none":
+        return None
+    return DEFAULT_MANIFEST if str(manifest) == "auto" else Path(manifest)
+
+
+def _grouped(samples: list[Sample], root: Path, manifest: str | os.PathLike | None) -> list[Sample] | None:
+    """Leak-free splits from a manifest: explicit path, "auto" (the shipped one if it fits) or None."""
+    path = _manifest_path(manifest)
+    if path is None:
+        return None
+    auto = str(manifest) == "auto"
+    if not path.is_file():
+        if auto:
+            return None
+        raise DatasetError(f"--split_manifest {path} does not exist (write one with `python -m bonebreak.audit`)")
+    grouped = apply_manifest(samples, root, read_manifest(path), exact=auto)
+    if grouped is None:
+        if auto:
+            logger.info("%s does not describe %s: carving a stratified validation split instead", path, root)
+            return None
+        raise DatasetError(f"--split_manifest {path} does not list every image under {root}; rerun `python -m bonebreak.audit`")
+    logger.info("using the leak-free grouped splits of %s", path)
+    return grouped
+
+
 @dataclass
 class LoadedData:
     splits: datasets.DatasetDict
@@ -186,6 +241,9 @@ class LoadedData:
     counts: dict[str, dict[str, int]]
     broken: list[tuple[Path, str]]
     layout: str
+    grouped: bool = False  # splits come from a near-duplicate-grouped manifest
+    root: Path = Path(".")
+    manifest: Path | None = None
 
 
 def load_splits(
@@ -193,11 +251,15 @@ def load_splits(
     val_fraction: float = 0.15,
     seed: int = 42,
     check_images: bool = True,
+    split_manifest: str | os.PathLike | None = "auto",
 ) -> LoadedData:
-    """Scan, validate and split a dataset folder into train/validation(/test) ``datasets``.
+    """Scan, validate and split a dataset folder into train/validation/test(/clean_test) ``datasets``.
 
-    When the folder has no validation split, one is carved out of train (stratified,
-    seeded). The test split, if any, is passed through untouched and never trained on.
+    With a grouped manifest (``python -m bonebreak.audit``; "auto" picks the shipped one when
+    it lists every file), near-duplicates never straddle train/validation, and "clean_test"
+    holds the published Test images that have no near-copy in Train. Otherwise, when the
+    folder has no validation split, one is carved out of train (stratified, seeded). Test
+    images are passed through untouched and never trained on.
     """
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"--val_fraction must be between 0 and 1, got {val_fraction}")
@@ -205,6 +267,8 @@ def load_splits(
     samples = scan_folder(root)
     if not samples:
         raise DatasetError(f"{root}: no image files found (looked for {', '.join(sorted({'.jpg', '.png', '.dcm'}))} ...)")
+    grouped = _grouped(samples, root, split_manifest)
+    samples = grouped or samples
     broken: list[tuple[Path, str]] = []
     if check_images:
         samples, broken = drop_unreadable(samples)
@@ -212,6 +276,9 @@ def load_splits(
     if len(labels) < 2:
         raise DatasetError(f"{root}: found {len(labels)} class(es) {labels}; at least 2 class folders are needed")
     by_split = {split: [s for s in samples if s.split == split] for split in SPLITS}
+    if grouped:
+        leaked = [Sample(s.path, s.label, "test") for s in samples if s.split == "test_leaked"]
+        by_split["test"] = sorted([Sample(s.path, s.label, "test") for s in by_split["clean_test"]] + leaked, key=lambda s: s.path)
     if not by_split["train"]:
         raise DatasetError(f"{root}: no training images found")
     if not by_split["validation"]:
@@ -222,4 +289,5 @@ def load_splits(
     splits = datasets.DatasetDict(
         {split: to_dataset(items, labels) for split, items in by_split.items() if items}
     )
-    return LoadedData(splits, labels, counts, broken, detect_layout(root))
+    return LoadedData(splits, labels, counts, broken, detect_layout(root), grouped=bool(grouped), root=root,
+                      manifest=_manifest_path(split_manifest) if grouped else None)

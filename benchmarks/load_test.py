@@ -29,6 +29,8 @@ REPO = Path(__file__).resolve().parent.parent
 class LoadArguments:
     model_path: str = field(default="checkpoints/bone_break_model", metadata={"help": "Checkpoint the app serves."})
     requests: int = field(default=500, metadata={"help": "Total prediction requests to send (the budget)."})
+    warmup: int = field(default=64, metadata={"help": "Requests sent (and not counted) before memory is first measured."})
+    server_log: str | None = field(default=None, metadata={"help": "Write the server's output here (default: discard)."})
     clients: int = field(default=8, metadata={"help": "Concurrent client threads."})
     max_seconds: float = field(default=900.0, metadata={"help": "Stop sending after this many seconds, whatever is left."})
     heatmap: bool = field(default=True, metadata={"help": "Ask for the Grad-CAM heat map too (the app's default)."})
@@ -52,10 +54,11 @@ def rss_mib(pid: int) -> float:
     return total / 1024
 
 
-def start_server(model_path: str, port: int) -> subprocess.Popen:
+def start_server(model_path: str, port: int, log: str | None) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    output = open(log, "w") if log else subprocess.DEVNULL
     process = subprocess.Popen([sys.executable, "app.py", "--model_path", model_path, "--port", str(port)], cwd=REPO, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               stdout=output, stderr=subprocess.STDOUT)
     deadline = time.time() + 180
     while time.time() < deadline:
         try:
@@ -69,7 +72,7 @@ def start_server(model_path: str, port: int) -> subprocess.Popen:
     raise SystemExit("app.py did not start within 180 s")
 
 
-def run_clients(url: str, args: LoadArguments, images: list[Path]) -> tuple[list[float], list[str], float]:
+def run_clients(url: str, args: LoadArguments, images: list[Path], on_progress=None) -> tuple[list[float], list[str], float]:
     from gradio_client import Client, handle_file
 
     latencies: list[float] = []
@@ -93,6 +96,8 @@ def run_clients(url: str, args: LoadArguments, images: list[Path]) -> tuple[list
                     raise ValueError(f"expected 3 labels, got {labels}")
                 with lock:
                     latencies.append(time.perf_counter() - started)
+                    if on_progress is not None:
+                        on_progress(len(latencies) + len(errors))
             except Exception as error:  # count every failure, keep going
                 with lock:
                     errors.append(f"{type(error).__name__}: {error}")
@@ -111,12 +116,17 @@ def main(argv: list[str] | None = None) -> dict:
     (args,) = HfArgumentParser(LoadArguments).parse_args_into_dataclasses(args=argv)
     images = sorted((REPO / "examples").glob("*.jpg"))
     port = free_port()
-    server = start_server(args.model_path, port)
+    server = start_server(args.model_path, port, args.server_log)
+    memory_trace: list[tuple[int, float]] = []
+    quarter = max(args.requests // 4, 1)
     try:
         url = f"http://127.0.0.1:{port}/"
-        warm, _, _ = run_clients(url, LoadArguments(requests=4, clients=2, heatmap=args.heatmap), images)  # load lazies first
+        # Warm-up at full concurrency first: allocator pools and per-thread buffers grow to
+        # their working size once; growth after that is what a leak would look like.
+        run_clients(url, LoadArguments(requests=args.warmup, clients=args.clients, heatmap=args.heatmap), images)
         memory_before = rss_mib(server.pid)
-        latencies, errors, seconds = run_clients(url, args, images)
+        trace = lambda done: memory_trace.append((done, round(rss_mib(server.pid), 1))) if done % quarter == 0 else None
+        latencies, errors, seconds = run_clients(url, args, images, on_progress=trace)
         memory_after = rss_mib(server.pid)
     finally:
         server.terminate()
@@ -134,6 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
         "server_rss_mib_before": round(memory_before, 1),
         "server_rss_mib_after": round(memory_after, 1),
         "server_rss_growth_mib": round(memory_after - memory_before, 1),
+        "server_rss_mib_during": memory_trace,
     }
     print(json.dumps(figures, indent=2))
     if args.json_out:

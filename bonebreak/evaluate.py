@@ -169,10 +169,9 @@ def ood_check(predictor: Predictor, dataset: datasets.Dataset, out_dir: str | Pa
 
     if predictor.ood is None:
         return None
-    _, xray_embeddings = predictor.logits_and_embeddings(image_paths(dataset))
     photos = natural_photos()
-    _, photo_embeddings = predictor.logits_and_embeddings([image for _, image in photos])
-    xray_scores, photo_scores = predictor.ood.scores(xray_embeddings), predictor.ood.scores(photo_embeddings)
+    xray_scores = predictor.ood_scores(image_paths(dataset))
+    photo_scores = predictor.ood_scores([image for _, image in photos])
     result = {
         "auroc_photos_vs_xrays": auroc(photo_scores, xray_scores),
         "xrays_flagged": float(np.mean(xray_scores > predictor.ood.threshold)),

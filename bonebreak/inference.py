@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import threading
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -17,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .calibration import TEMPERATURE_KEY, OODDetector, classifier_layer
+from .calibration import TEMPERATURE_KEY, ImageEmbedder, OODDetector
 from .images import DEFAULT_LIMITS, DecodeLimits, ImageSource, load_image
 from .models import load_checkpoint
 from .transforms import PreprocessConfig, eval_transform, preprocess_config_from_processor
@@ -85,12 +84,7 @@ class Predictor:
         self.labels = [config.id2label[i] for i in range(config.num_labels)]
         self.temperature = temperature
         self.ood = ood
-        # The classifier's input is the embedding; per-thread because Gradio runs requests in threads.
-        self._captured = threading.local()
-        classifier_layer(self.model).register_forward_pre_hook(self._capture)
-
-    def _capture(self, _module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        self._captured.embedding = args[0].detach()
+        self.embedder: ImageEmbedder | None = None  # loaded on first use of the X-ray check
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str | None = None, calibrated: bool = True, **kwargs) -> "Predictor":
@@ -108,27 +102,31 @@ class Predictor:
         return torch.stack([self.transform(image) for image in images]).to(self.device)
 
     @torch.inference_mode()
-    def logits_and_embeddings(self, images: Sequence[ImageSource], batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
-        """Raw logits and penultimate embeddings for images or paths (decoded in batches)."""
-        logits, embeddings = [], []
+    def logits(self, images: Sequence[ImageSource], batch_size: int = 16) -> np.ndarray:
+        """Raw logits (n_images, n_labels) for images or paths, decoded in batches."""
+        chunks = []
         for start in range(0, len(images), batch_size):
             decoded = [self.load(image) for image in images[start : start + batch_size]]
-            logits.append(self.model(pixel_values=self._batch(decoded)).logits.float().cpu().numpy())
-            embeddings.append(self._captured.embedding.float().flatten(1).cpu().numpy())
-        if not logits:
-            return np.zeros((0, len(self.labels))), np.zeros((0, 0))
-        return np.concatenate(logits), np.concatenate(embeddings)
+            chunks.append(self.model(pixel_values=self._batch(decoded)).logits.float().cpu().numpy())
+        return np.concatenate(chunks) if chunks else np.zeros((0, len(self.labels)))
 
     def probabilities(self, images: Sequence[ImageSource], batch_size: int = 16) -> np.ndarray:
         """Calibrated softmax probabilities (n_images, n_labels)."""
-        logits, _ = self.logits_and_embeddings(images, batch_size)
-        return torch.softmax(torch.from_numpy(logits) / self.temperature, dim=-1).numpy()
+        return torch.softmax(torch.from_numpy(self.logits(images, batch_size)) / self.temperature, dim=-1).numpy()
+
+    def ood_scores(self, images: Sequence[ImageSource]) -> np.ndarray | None:
+        """Distance of each image to the training X-rays (None without a fitted X-ray check)."""
+        if self.ood is None:
+            return None
+        if self.embedder is None:
+            self.embedder = ImageEmbedder()
+        return self.ood.scores(self.embedder([self.load(image) for image in images]))
 
     def predictions(self, images: Sequence[ImageSource], batch_size: int = 16) -> list[Prediction]:
-        logits, embeddings = self.logits_and_embeddings(images, batch_size)
-        probs = torch.softmax(torch.from_numpy(logits) / self.temperature, dim=-1).numpy()
-        scores = self.ood.scores(embeddings) if self.ood is not None else [None] * len(probs)
-        return [self.to_prediction(p, s) for p, s in zip(probs, scores)]
+        decoded = [self.load(image) for image in images]
+        probs = self.probabilities(decoded, batch_size)
+        scores = self.ood_scores(decoded)
+        return [self.to_prediction(p, None if scores is None else scores[i]) for i, p in enumerate(probs)]
 
     def to_prediction(self, probs: np.ndarray, ood_score: float | None = None) -> Prediction:
         order = np.argsort(-probs)

@@ -55,8 +55,8 @@ def _section_calibration(summary: dict[str, Any]) -> str:
     ood = summary.get("ood")
     if ood:
         lines.append(
-            f"- X-ray check (nearest-neighbour distance of the image embedding to the training X-rays, threshold = 99th "
-            f"percentile on validation): AUROC {ood['auroc_photos_vs_xrays']:.3f} for {ood['n_photos']} non-X-ray sample "
+            f"- X-ray check (mean cosine distance of the image's generic ImageNet EfficientNet-Lite0 embedding to its 5 nearest "
+            f"training X-rays, threshold = 99th percentile on validation): AUROC {ood['auroc_photos_vs_xrays']:.3f} for {ood['n_photos']} non-X-ray sample "
             f"photos vs {ood['n_xrays']} held-out X-rays; {ood['xrays_flagged']:.1%} of those X-rays and "
             f"{ood['photos_flagged']:.1%} of the photos are flagged \"does not look like a bone X-ray\"."
         )
@@ -168,8 +168,9 @@ Intervals are 95% percentile-bootstrap intervals over the evaluated images. {LEA
 
 - Intended for research and teaching about fracture-type classification and honest evaluation.
 - Not for diagnosis, triage or any clinical decision. It was not validated on any clinical population.
-- It assumes the image shows a fracture: it cannot detect the absence of one, and a non-X-ray
-  input still receives fracture-type probabilities.
+- It assumes the image shows a fracture: it cannot detect the absence of one.
+- Images unlike the training X-rays are flagged and get no type, but that check was measured only
+  against a few sample photos; other medical images (CT, MRI, ultrasound) were not tested.
 - The dataset is small, comes from one source, contains near-duplicate and a few conflicting
   labels, and its classes overlap clinically (an oblique fracture can also be displaced or comminuted).
 

@@ -128,6 +128,31 @@ for _variant in (0, 1, 2):
     )
 
 
+def imagenet_embedder() -> tuple[TimmWrapperForImageClassification, Any]:
+    """EfficientNet-Lite0 with its ImageNet head and a no-crop eval transform, for generic image features.
+
+    No centre crop: on a long thin radiograph it would keep a different middle part of each
+    cropped copy, and the X-ray check should see the whole picture.
+    """
+    from dataclasses import replace
+
+    from .transforms import eval_transform, preprocess_config_from_processor
+
+    model, processor = efficientnet_lite(0)
+    model.eval()
+    return model, eval_transform(replace(preprocess_config_from_processor(processor), crop_pct=1.0))
+
+
+def embed_pixels(model: TimmWrapperForImageClassification, pixels: torch.Tensor) -> "np.ndarray":
+    """L2-normalised pooled 1280-d features; averaging with the mirror image makes a flipped copy embed alike."""
+    with torch.inference_mode():
+        timm_model = model.timm_model
+        both = torch.cat([pixels, torch.flip(pixels, dims=[3])])
+        pooled = timm_model.forward_head(timm_model.forward_features(both), pre_logits=True)
+        features = pooled[: len(pixels)] + pooled[len(pixels) :]
+        return torch.nn.functional.normalize(features, dim=1).numpy()
+
+
 # --- Any Hub id or local folder ---------------------------------------------------------------
 
 

@@ -4,9 +4,14 @@ model looked. Nothing happens at import time; ``build_demo`` wires a loaded ``Pr
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
-from dataclasses import dataclass
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -58,13 +63,51 @@ def verdict(top_label: str, top_probability: float, unsure: bool, threshold: flo
 
 
 @dataclass
+class OutputImages:
+    """Output pictures as files named by their content, written atomically.
+
+    Gradio saves a returned PIL image by overwriting a content-named file in place, so two
+    requests producing the same picture (two visitors clicking the same example) can serve
+    each other a half-written file. A finished file handed over by path is copied atomically.
+    """
+
+    folder: Path = field(default_factory=lambda: Path(tempfile.gettempdir()) / "bonebreak-outputs")
+    max_age_seconds: float = 3600.0
+    _last_prune: float = 0.0
+
+    def save(self, image: Image.Image) -> str:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        data = buffer.getvalue()
+        path = self.folder / f"{hashlib.sha256(data).hexdigest()[:32]}.png"
+        if not path.exists():
+            handle, staging = tempfile.mkstemp(dir=self.folder, suffix=".part")
+            with os.fdopen(handle, "wb") as out:
+                out.write(data)
+            os.replace(staging, path)
+        self._prune()
+        return str(path)
+
+    def _prune(self) -> None:
+        now = time.time()
+        if now - self._last_prune < 600:
+            return
+        self._last_prune = now
+        for old in self.folder.glob("*.png"):
+            if now - old.stat().st_mtime > self.max_age_seconds:
+                old.unlink(missing_ok=True)
+
+
+@dataclass
 class Classifier:
     """The function behind the UI and the API: one call, one image, every output."""
 
     predictor: Predictor
     top_k: int = 3
+    outputs: OutputImages = field(default_factory=OutputImages)
 
-    def __call__(self, file: str | None, show_heatmap: bool = True) -> tuple[dict[str, float], str, Image.Image | None]:
+    def __call__(self, file: str | None, show_heatmap: bool = True) -> tuple[dict[str, float], str, str]:
         if not file:
             raise gr.Error("Please upload an X-ray image first (JPEG, PNG, TIFF, WebP or DICOM).")
         name = Path(file).name
@@ -77,7 +120,7 @@ class Classifier:
         except Exception as error:  # never let one upload take the server down
             logger.exception("prediction failed for %s", file)
             raise gr.Error(f"Could not process '{name}' ({type(error).__name__}). Please try another image.") from error
-        shown = overlay_heatmap(view, cam) if show_heatmap else image
+        shown = self.outputs.save(overlay_heatmap(view, cam) if show_heatmap else image)
         if prediction.not_xray:
             return {}, NOT_XRAY, shown
         text = verdict(prediction.top_label, prediction.top_probability, prediction.unsure, self.predictor.unsure_below)
@@ -114,7 +157,7 @@ def build_demo(predictor: Predictor, examples: list[str] | None = None) -> gr.Bl
             with gr.Column():
                 # No big heading: the verdict text says whether the top label is an answer or a guess.
                 labels = gr.Label(num_top_classes=classify.top_k, label="Top fracture types (probability)", show_heading=False, elem_id="labels")
-                picture = gr.Image(label="Model view / heat map", type="pil", interactive=False, elem_id="heatmap")
+                picture = gr.Image(label="Model view / heat map", type="filepath", interactive=False, elem_id="heatmap")
                 info = gr.Markdown(elem_id="info")
         outputs = [labels, info, picture]
         button.click(classify, inputs=[upload, show_heatmap], outputs=outputs, api_name="predict")

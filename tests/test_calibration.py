@@ -34,7 +34,7 @@ def test_ood_detector_threshold_auroc_and_round_trip(tmp_path):
     rng = np.random.default_rng(0)
     centre = rng.normal(size=64)
     inliers = lambda n: centre + rng.normal(scale=0.3, size=(n, 64))
-    detector = OODDetector.fit(inliers(300), inliers(200))
+    detector = OODDetector.fit(inliers(300), inliers(200), k=3)
     outliers = rng.normal(size=(50, 64))
     fresh = inliers(500)
     assert detector.is_outlier(outliers).mean() > 0.95

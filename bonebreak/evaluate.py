@@ -48,7 +48,11 @@ class EvalArguments:
     )
     split: str = field(
         default="test",
-        metadata={"help": "train, validation, test (published, leaks near-duplicates) or clean_test (Test images with no near-copy in Train)."},
+        metadata={"help": "train, validation, test (published, leaks near-duplicates), clean_test (Test images with no "
+                  "near-copy in Train) or all (validation, test and clean_test side by side)."},
+    )
+    cv_report: str | None = field(
+        default=None, metadata={"help": "With --split all: a cv.json from `train.py --cv 5` to show beside the splits."}
     )
     split_manifest: str = field(
         default="auto", metadata={"help": "Grouped split manifest (see train.py --help); needed for clean_test."}
@@ -64,8 +68,8 @@ class EvalArguments:
     device: str | None = field(default=None, metadata={"help": "cpu, cuda or cuda:N (default: cuda if available)."})
 
     def __post_init__(self) -> None:
-        if self.split not in SPLITS:
-            raise ValueError(f"--split must be one of {', '.join(SPLITS)}, got '{self.split}'")
+        if self.split not in SPLITS + ("all",):
+            raise ValueError(f"--split must be one of {', '.join(SPLITS)} or all, got '{self.split}'")
         if self.batch_size < 1:
             raise ValueError(f"--batch_size must be >= 1, got {self.batch_size}")
 
@@ -135,6 +139,32 @@ def write_report(
     return out
 
 
+SPLIT_TITLES = {
+    "test": "published Test split (leaks near-duplicates of Train: optimistic)",
+    "clean_test": "**clean Test** (published Test images with no near-copy in Train)",
+    "validation": "validation (held out from Train)",
+}
+
+
+def _with_interval(value: float, interval: list[float] | None) -> str:
+    return f"{value:.3f} ({interval[0]:.3f}-{interval[1]:.3f})" if interval else f"{value:.3f}"
+
+
+def comparison_table(reports: dict[str, dict[str, Any]], cv: dict[str, Any] | None = None) -> str:
+    """Markdown table, one row per split (95% bootstrap intervals), plus a CV row (mean +- std)."""
+    columns = [("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("top3_accuracy", "top-3 accuracy")]
+    rows = ["| split | n | " + " | ".join(title for _, title in columns) + " |", "|---|---|" + "---|" * len(columns)]
+    for split, report in reports.items():
+        ci = report.get("ci95", {})
+        cells = [_with_interval(report[key], ci.get(key)) for key, _ in columns]
+        rows.append(f"| {SPLIT_TITLES.get(split, split)} | {report['n']} | " + " | ".join(cells) + " |")
+    if cv:
+        cells = [f"{cv['mean'][key]:.3f} +- {cv['std'][key]:.3f}" for key, _ in columns]
+        n = sum(f["n_validation"] for f in cv["per_fold"])
+        rows.append(f"| grouped {cv['folds']}-fold CV over Train (mean +- std of folds) | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def format_table(metrics: dict[str, Any], title: str) -> str:
     lines = [title, "-" * len(title)]
     intervals = metrics.get("ci95", {})
@@ -192,21 +222,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     (args,) = HfArgumentParser(EvalArguments).parse_args_into_dataclasses(args=argv)
     predictor = Predictor.from_checkpoint(args.model_path, device=args.device)
     data = load_splits(resolve_data_dir(args.data_dir), val_fraction=args.val_fraction, seed=args.seed, split_manifest=args.split_manifest)
-    if args.split not in data.splits:
-        raise SystemExit(f"error: split '{args.split}' does not exist in {args.data_dir}; available: {list(data.splits)}")
+    splits = [s for s in ("validation", "test", "clean_test") if s in data.splits] if args.split == "all" else [args.split]
+    missing = [s for s in splits if s not in data.splits]
+    if missing:
+        raise ValueError(f"split '{missing[0]}' does not exist in this data folder; available: {list(data.splits)}")
     out_dir = Path(args.report_dir or Path("reports") / f"{Path(args.model_path).name}-{args.split}")
-    metrics = run_evaluation(predictor, data.splits[args.split], data.labels, args.split, out_dir, args.batch_size)
-    print(format_table(metrics, f"{args.model_path} on {args.split}"))
-    ood = ood_check(predictor, data.splits[args.split], out_dir)
+    reports = {}
+    for split in splits:
+        folder = out_dir / split if args.split == "all" else out_dir
+        reports[split] = run_evaluation(predictor, data.splits[split], data.labels, split, folder, args.batch_size)
+        print(format_table(reports[split], f"{args.model_path} on {split}") + "\n")
+    if args.split == "all":
+        cv = json.loads(Path(args.cv_report).read_text()) if args.cv_report else None
+        table = comparison_table(reports, cv)
+        (out_dir / "comparison.md").write_text(table + "\n")
+        print(table + "\n")
+    ood = ood_check(predictor, data.splits[splits[-1]], out_dir)
     if ood is not None:
-        metrics["ood"] = ood
-        print(f"\nX-ray check: AUROC {ood['auroc_photos_vs_xrays']:.3f} (non-X-ray photos vs these X-rays), "
+        print(f"X-ray check: AUROC {ood['auroc_photos_vs_xrays']:.3f} (non-X-ray photos vs {splits[-1]} X-rays), "
               f"{ood['xrays_flagged']:.1%} of X-rays and {ood['photos_flagged']:.1%} of photos flagged")
-    if "note" in metrics:
-        print(f"\nNote: {metrics['note']}")
+    for split, report in reports.items():
+        if "note" in report:
+            print(f"Note ({split}): {report['note']}")
     print(f"\nReport written to {out_dir}")
-    return metrics
-
+    return reports[splits[0]] if len(splits) == 1 else reports
 
 if __name__ == "__main__":
     try:

@@ -10,7 +10,7 @@ from typing import Any
 from transformers import HfArgumentParser
 
 from .data import load_splits, resolve_data_dir
-from .evaluate import ood_check, run_evaluation
+from .evaluate import comparison_table, ood_check, run_evaluation
 from .inference import Predictor
 from .metrics import headline
 
@@ -24,13 +24,6 @@ LEAKAGE = (
     "annotated copies of Train images appear in Test), so scores on the published Test split overstate "
     "accuracy on new X-rays."
 )
-SPLIT_TITLES = {
-    "test": "published Test split (leaks near-duplicates of Train: optimistic)",
-    "clean_test": "**clean Test** (published Test images with no near-copy in Train)",
-    "validation": "validation (held out from Train)",
-}
-
-
 def _section_cv(cv: dict[str, Any] | None) -> str:
     if not cv:
         return "Cross-validation: not run for this checkpoint (`python train.py --cv_folds 5 ...`)."
@@ -61,21 +54,6 @@ def _section_calibration(summary: dict[str, Any]) -> str:
             f"{ood['photos_flagged']:.1%} of the photos are flagged \"does not look like a bone X-ray\"."
         )
     return "\n".join(lines) or "- Not calibrated."
-
-
-def _fmt(value: float, interval: list[float] | None) -> str:
-    return f"{value:.3f} ({interval[0]:.3f}-{interval[1]:.3f})" if interval else f"{value:.3f}"
-
-
-def results_table(reports: dict[str, dict[str, Any]]) -> str:
-    rows = ["| split | n | accuracy | macro-F1 | top-3 accuracy |", "|---|---|---|---|---|"]
-    for split, report in reports.items():
-        ci = report.get("ci95", {})
-        rows.append(
-            f"| {SPLIT_TITLES.get(split, split)} | {report['n']} | {_fmt(report['accuracy'], ci.get('accuracy'))} | "
-            f"{_fmt(report['macro_f1'], ci.get('macro_f1'))} | {_fmt(report['top3_accuracy'], ci.get('top3_accuracy'))} |"
-        )
-    return "\n".join(rows)
 
 
 def _model_index(name: str, reports: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -145,7 +123,7 @@ Base model: `{summary["model"]}`; fine-tuned with the BoneBreak training script
 
 ## Results (measured)
 
-{results_table(reports)}
+{comparison_table(reports, summary.get("cv"))}
 
 Intervals are 95% percentile-bootstrap intervals over the evaluated images. {LEAKAGE}
 {_leak_count(counts)}

@@ -86,7 +86,7 @@ class TrainArguments:
     )
     cv_folds: int = field(
         default=0,
-        metadata={"help": "Instead of one model, run grouped stratified k-fold cross-validation over Train and write "
+        metadata={"aliases": ["--cv"], "help": "Instead of one model, run grouped stratified k-fold cross-validation over Train and write "
                   "<output_dir>/cv.json (needs the grouped split manifest; e.g. 5)."},
     )
     evaluate_test: bool = field(

@@ -104,3 +104,19 @@ def test_predict_cli_exit_codes(trained_vit, tmp_path):
     assert no_model.returncode == 1 and "checkpoint folder" in no_model.stderr
     bad_flag = run("--format", "xml", str(tmp_path / "x.png"))
     assert bad_flag.returncode != 0 and "--format" in bad_flag.stderr
+
+
+def test_evaluate_all_splits_side_by_side_with_cv(trained_vit, handful, tmp_path, capsys):
+    cv = {"folds": 5, "per_fold": [{"n_validation": 6}] * 5,
+          "mean": {"accuracy": 0.31, "macro_f1": 0.29, "top3_accuracy": 0.6}, "std": {"accuracy": 0.04, "macro_f1": 0.05, "top3_accuracy": 0.03}}
+    (tmp_path / "cv.json").write_text(json.dumps(cv))
+    reports = evaluation.main(["--model_path", str(trained_vit), "--data_dir", str(handful), "--split", "all",
+                               "--report_dir", str(tmp_path / "all"), "--cv_report", str(tmp_path / "cv.json")])
+    assert set(reports) == {"validation", "test"}  # no manifest for this folder, so no clean_test
+    table = (tmp_path / "all" / "comparison.md").read_text().splitlines()
+    assert table[0] == "| split | n | accuracy | macro-F1 | top-3 accuracy |"
+    test = reports["test"]
+    assert f"| published Test split (leaks near-duplicates of Train: optimistic) | 10 | {test['accuracy']:.3f} ({test['ci95']['accuracy'][0]:.3f}-" in table[3]
+    assert table[4] == "| grouped 5-fold CV over Train (mean +- std of folds) | 30 | 0.310 +- 0.040 | 0.290 +- 0.050 | 0.600 +- 0.030 |"
+    assert (tmp_path / "all" / "test" / "confusion_matrix.png").is_file()
+    assert set(test["ci95"]) >= {"accuracy", "macro_f1", "weighted_f1", "macro_precision", "top3_accuracy"}

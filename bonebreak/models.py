@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from transformers import (
     AutoImageProcessor,
@@ -143,7 +144,7 @@ def imagenet_embedder() -> tuple[TimmWrapperForImageClassification, Any]:
     return model, eval_transform(replace(preprocess_config_from_processor(processor), crop_pct=1.0))
 
 
-def embed_pixels(model: TimmWrapperForImageClassification, pixels: torch.Tensor) -> "np.ndarray":
+def embed_pixels(model: TimmWrapperForImageClassification, pixels: torch.Tensor) -> np.ndarray:
     """L2-normalised pooled 1280-d features; averaging with the mirror image makes a flipped copy embed alike."""
     with torch.inference_mode():
         timm_model = model.timm_model

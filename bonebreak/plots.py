@@ -39,8 +39,11 @@ def plot_confusion_matrix(matrix: list[list[int]], labels: list[str], path: str 
 
 def plot_training_curves(log_history: list[dict[str, Any]], path: str | os.PathLike) -> Path:
     """Loss and validation metrics per epoch from ``Trainer.state.log_history``."""
-    train = [(e["epoch"], e["loss"]) for e in log_history if "loss" in e and "epoch" in e]
-    evals = [e for e in log_history if "eval_loss" in e]
+    # Entries after the "train_runtime" summary are the re-evaluation of the best model: not an epoch.
+    end = next((i for i, e in enumerate(log_history) if "train_runtime" in e), len(log_history))
+    history = log_history[:end]
+    train = [(e["epoch"], e["loss"]) for e in history if "loss" in e and "epoch" in e]
+    evals = [e for e in history if "eval_loss" in e]
     fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(11, 4))
     if train:
         ax_loss.plot(*zip(*train), label="train loss", alpha=0.8)

@@ -136,3 +136,19 @@ def test_same_seed_gives_the_same_model(handful, tiny_vit, tmp_path):
     first, again, other = run("a", "3"), run("b", "3"), run("c", "4")
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert not all(torch.equal(first[k], other[k]) for k in first)
+
+
+def test_model_card_can_add_cross_validation_without_re_evaluating(trained_vit, tmp_path):
+    import shutil
+
+    from bonebreak import model_card
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(trained_vit, folder)
+    cv = {"folds": 5, "per_fold": [{"n_validation": 6}] * 5, "mean": {"accuracy": 0.3, "macro_f1": 0.25, "top3_accuracy": 0.6},
+          "std": {"accuracy": 0.05, "macro_f1": 0.04, "top3_accuracy": 0.02}}
+    (tmp_path / "cv.json").write_text(json.dumps(cv))
+    card = model_card.main(["--model_path", str(folder), "--reuse_reports", "--cv_report", str(tmp_path / "cv.json")]).read_text()
+    assert "| grouped 5-fold CV over Train (mean +- std of folds) | 30 | 0.300 +- 0.050 | 0.250 +- 0.040 | 0.600 +- 0.020 |" in card
+    assert "Grouped stratified 5-fold cross-validation of the same recipe" in card
+    assert json.loads((folder / "metrics.json").read_text())["cv"] == cv

@@ -81,12 +81,14 @@ class OutputImages:
         image.save(buffer, format="PNG")
         data = buffer.getvalue()
         path = self.folder / f"{hashlib.sha256(data).hexdigest()[:32]}.png"
-        if not path.exists():
+        self._prune()  # before saving, so the file handed out now is never the one pruned
+        if path.exists():
+            os.utime(path)  # handed out again: its age starts over
+        else:
             handle, staging = tempfile.mkstemp(dir=self.folder, suffix=".part")
             with os.fdopen(handle, "wb") as out:
                 out.write(data)
             os.replace(staging, path)
-        self._prune()
         return str(path)
 
     def _prune(self) -> None:

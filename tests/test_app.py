@@ -117,6 +117,10 @@ def test_output_images_are_content_named_and_written_whole(tmp_path):
     first = outputs.save(synthetic_xray(1))
     assert outputs.save(synthetic_xray(1)) == first and outputs.save(synthetic_xray(2)) != first
     assert sorted(p.suffix for p in (tmp_path / "out").iterdir()) == [".png", ".png"]  # no partial files left
+    stale = Path(first)
+    os.utime(stale, (0, 0))  # an hour-old copy of a picture that is produced again
+    assert outputs.save(synthetic_xray(1)) == first and OutputImages(folder=tmp_path / "out").save(synthetic_xray(1)) == first
+    assert stale.is_file()
 
 
 def test_demo_builds_without_side_effects(classify):

@@ -45,6 +45,16 @@ def test_our_predictor_agrees_with_the_pipeline():
         assert ours.probabilities[row["label"]] == pytest.approx(row["score"], abs=0.03)
 
 
+def test_model_card_states_clean_test_and_cross_validation():
+    card = (SHIPPED_MODEL / "README.md").read_text()
+    metrics = json.loads((SHIPPED_MODEL / "metrics.json").read_text())
+    assert metrics["grouped_splits"] and sum(metrics["counts"]["clean_test"].values()) == 108
+    clean = metrics["clean_test"]
+    assert f"| **clean Test** (published Test images with no near-copy in Train) | 108 | {clean['accuracy']:.3f}" in card
+    assert "Grouped stratified 5-fold cross-validation" in card and "not a diagnostic device" in card
+    assert "32 of the 140 published Test images have a near-copy in Train" in card
+
+
 def test_shipped_metrics_are_recorded_with_the_leakage_note():
     metrics = json.loads((SHIPPED_MODEL / "metrics.json").read_text())
     assert metrics["labels"] == TYPES and metrics["model"] == "efficientnet_lite0"

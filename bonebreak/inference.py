@@ -71,6 +71,7 @@ class Predictor:
         unsure_below: float = DEFAULT_UNSURE_BELOW,
         temperature: float = 1.0,
         ood: OODDetector | None = None,
+        tta: bool = False,
     ) -> None:
         if not 0.0 <= unsure_below <= 1.0:
             raise ValueError(f"unsure threshold must be between 0 and 1, got {unsure_below}")
@@ -84,6 +85,7 @@ class Predictor:
         self.labels = [config.id2label[i] for i in range(config.num_labels)]
         self.temperature = temperature
         self.ood = ood
+        self.tta = tta  # average the logits of the image and its mirror image
         self.embedder: ImageEmbedder | None = None  # loaded on first use of the X-ray check
 
     @classmethod
@@ -107,7 +109,11 @@ class Predictor:
         chunks = []
         for start in range(0, len(images), batch_size):
             decoded = [self.load(image) for image in images[start : start + batch_size]]
-            chunks.append(self.model(pixel_values=self._batch(decoded)).logits.float().cpu().numpy())
+            pixels = self._batch(decoded)
+            logits = self.model(pixel_values=pixels).logits.float()
+            if self.tta:
+                logits = (logits + self.model(pixel_values=pixels.flip(-1)).logits.float()) / 2
+            chunks.append(logits.cpu().numpy())
         return np.concatenate(chunks) if chunks else np.zeros((0, len(self.labels)))
 
     def probabilities(self, images: Sequence[ImageSource], batch_size: int = 16) -> np.ndarray:

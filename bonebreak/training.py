@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import EarlyStoppingCallback, HfArgumentParser, Trainer, TrainingArguments
+from torchvision.transforms import v2
 from transformers.trainer_utils import set_seed
 
 from .data import LoadedData, load_splits, resolve_data_dir, split_counts_of
@@ -32,9 +33,11 @@ from .inference import Predictor
 from .metrics import classification_metrics, headline
 from .models import create_model, save_checkpoint
 from .plots import plot_training_curves
-from .transforms import AugmentConfig, batch_transform, collate, eval_transform, preprocess_config_from_processor, train_transform
+from .transforms import AUGMENT_POLICIES, AugmentConfig, batch_transform, collate, eval_transform, preprocess_config_from_processor, train_transform
 
 logger = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -59,6 +62,27 @@ class TrainArguments:
     label_smoothing: float = field(default=0.1, metadata={"help": "Label smoothing of the cross-entropy loss."})
     class_weighted_loss: bool = field(
         default=True, metadata={"help": "Weight the loss by inverse class frequency (the classes are imbalanced up to 2:1)."}
+    )
+    augment: str = field(
+        default="basic",
+        metadata={"help": f"Augmentation policy: {', '.join(AUGMENT_POLICIES)} (basic: crop, flip, rotation, brightness/contrast; "
+                  "the others add TrivialAugment or RandAugment on top)."},
+    )
+    mixup: float = field(
+        default=0.0, metadata={"help": "Probability of mixing a training batch with MixUp or CutMix (half each); 0 disables."}
+    )
+    layer_decay: float = field(
+        default=1.0,
+        metadata={"help": "Layer-wise learning-rate decay for timm-backed models: each earlier stage learns this factor "
+                  "slower (e.g. 0.7); 1 disables."},
+    )
+    dedup_groups: bool = field(
+        default=False, metadata={"help": "Train on one image per near-duplicate group of the split manifest."}
+    )
+    precision: str = field(
+        default="auto",
+        metadata={"help": "auto (bf16 on GPUs and on CPUs with native bf16, i.e. AVX512-BF16 or AMX; otherwise fp16 on GPUs and "
+                  "fp32 on CPUs), fp32, bf16 or fp16 (GPU only)."},
     )
     image_size: int | None = field(default=None, metadata={"help": "Square input side in pixels (default: the model's own)."})
     val_fraction: float = field(
@@ -105,6 +129,10 @@ class TrainArguments:
             "--early_stopping_patience": self.early_stopping_patience >= 0,
             "--save_every_steps": self.save_every_steps >= 0,
             "--cv_folds": self.cv_folds == 0 or self.cv_folds >= 2,
+            "--mixup": 0 <= self.mixup <= 1,
+            "--layer_decay": 0 < self.layer_decay <= 1,
+            "--precision": self.precision in PRECISIONS,
+            "--augment": self.augment in AUGMENT_POLICIES,
         }
         bad = [flag for flag, ok in checks.items() if not ok]
         if bad:
@@ -130,6 +158,8 @@ def class_weights(labels: list[int], num_classes: int) -> torch.Tensor:
 
 
 def make_loss(weights: torch.Tensor | None, label_smoothing: float):
+    """Cross-entropy on class indices, or on soft targets from MixUp/CutMix."""
+
     def loss(outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
         logits = outputs.logits.float()
         weight = weights.to(logits.device) if weights is not None else None
@@ -147,9 +177,29 @@ def make_compute_metrics(labels: list[str]):
     return compute_metrics
 
 
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: bf16 autocast then runs about 3x faster than fp32 (measured on a 2-core
+    Xeon by `benchmarks/speed.py`); without them bf16 is emulated and slower, so auto keeps fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(choice: str, cuda: bool) -> str:
+    if choice == "fp16" and not cuda:
+        raise ValueError("--precision fp16 needs a CUDA GPU; on a CPU use --precision bf16 or fp32")
+    if choice != "auto":
+        return choice
+    if cuda:
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
 def training_arguments(args: TrainArguments) -> TrainingArguments:
     cuda = torch.cuda.is_available()
-    bf16 = cuda and torch.cuda.is_bf16_supported()
+    precision = resolve_precision(args.precision, cuda)
     return TrainingArguments(
         output_dir=str(args.work_dir),
         num_train_epochs=args.epochs,
@@ -178,14 +228,33 @@ def training_arguments(args: TrainArguments) -> TrainingArguments:
         # Without a GPU, use_cpu makes Accelerate form a gloo process group when launched
         # with several processes; otherwise each process would silently train on its own.
         use_cpu=not cuda,
-        bf16=bf16,
-        fp16=cuda and not bf16,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
         ddp_find_unused_parameters=False,
     )
 
 
+def one_per_group(dataset: datasets.Dataset, data: LoadedData) -> datasets.Dataset:
+    """Keep the first image (in path order) of every near-duplicate group of the manifest."""
+    from .data import read_manifest_groups
+
+    if not data.grouped:
+        raise ValueError("--dedup_groups needs the grouped split manifest (--split_manifest, see `python -m bonebreak.audit`)")
+    group_of = read_manifest_groups(data.manifest, data.root)
+    paths = image_paths(dataset)
+    first: dict[str, int] = {}
+    for i in sorted(range(len(paths)), key=paths.__getitem__):
+        first.setdefault(group_of[Path(paths[i])], i)
+    return dataset.select(sorted(first.values()))
+
+
 def prepare_data(args: TrainArguments) -> LoadedData:
     data = load_splits(resolve_data_dir(args.data_dir), val_fraction=args.val_fraction, seed=args.seed, split_manifest=args.split_manifest)
+    if args.dedup_groups:
+        before = len(data.splits["train"])
+        data.splits["train"] = one_per_group(data.splits["train"], data)
+        data.counts["train"] = split_counts_of(data.splits["train"], data.labels)
+        logger.info("--dedup_groups: %d of %d training images kept (one per near-duplicate group)", len(data.splits["train"]), before)
     if args.max_train_samples:
         data.splits["train"] = data.splits["train"].shuffle(seed=args.seed).select(
             range(min(args.max_train_samples, len(data.splits["train"])))
@@ -228,13 +297,60 @@ def resume_point(args: TrainArguments) -> str | None:
     return None
 
 
+class BatchMixer:
+    """With probability ``prob``, MixUp (alpha 0.2) or CutMix (alpha 1.0) a batch into soft targets."""
+
+    def __init__(self, num_classes: int, prob: float) -> None:
+        self.prob = prob
+        self.ops = (v2.MixUp(alpha=0.2, num_classes=num_classes), v2.CutMix(alpha=1.0, num_classes=num_classes))
+
+    def __call__(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if float(torch.rand(())) >= self.prob:
+            return inputs
+        op = self.ops[int(torch.randint(0, 2, ()))]
+        pixels, labels = op(inputs["pixel_values"], inputs["labels"])
+        return {**inputs, "pixel_values": pixels, "labels": labels}
+
+
+def layer_decay_groups(model: Any, learning_rate: float, weight_decay: float, layer_decay: float) -> list[dict]:
+    """AdamW parameter groups whose learning rate shrinks by ``layer_decay`` per stage towards the stem."""
+    from timm.optim import param_groups_layer_decay
+
+    timm_model = getattr(model, "timm_model", None)
+    if timm_model is None:
+        raise ValueError(f"--layer_decay needs a timm-backed model (efficientnet_lite0/1/2 or a timm/ Hub id), not {type(model).__name__}")
+    groups = param_groups_layer_decay(timm_model, weight_decay=weight_decay, layer_decay=layer_decay)
+    return [{"params": g["params"], "weight_decay": g["weight_decay"], "lr": learning_rate * g.get("lr_scale", 1.0)} for g in groups]
+
+
+class BoneBreakTrainer(Trainer):
+    """Trainer plus batch mixing and layer-wise learning-rate decay (both off by default)."""
+
+    def __init__(self, *args: Any, mixer: BatchMixer | None = None, layer_decay: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.mixer, self.layer_decay = mixer, layer_decay
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.mixer is not None and model.training:
+            inputs = self.mixer(inputs)
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+    def create_optimizer(self, model=None):
+        if self.layer_decay >= 1.0 or self.optimizer is not None:
+            return super().create_optimizer(model)
+        groups = layer_decay_groups(model or self.model, self.args.learning_rate, self.args.weight_decay, self.layer_decay)
+        self.optimizer = torch.optim.AdamW(groups, lr=self.args.learning_rate, betas=(self.args.adam_beta1, self.args.adam_beta2),
+                                           eps=self.args.adam_epsilon)
+        return self.optimizer
+
+
 def build_trainer(args: TrainArguments, data: LoadedData, model: Any, processor: Any) -> Trainer:
     preprocess = preprocess_config_from_processor(processor)
-    train = data.splits["train"].with_transform(batch_transform(train_transform(preprocess, AugmentConfig())))
+    train = data.splits["train"].with_transform(batch_transform(train_transform(preprocess, AugmentConfig(policy=args.augment))))
     validation = data.splits["validation"].with_transform(batch_transform(eval_transform(preprocess)))
     weights = class_weights(data.splits["train"]["label"], len(data.labels)) if args.class_weighted_loss else None
     callbacks = [EarlyStoppingCallback(args.early_stopping_patience)] if args.early_stopping_patience else []
-    return Trainer(
+    return BoneBreakTrainer(
         model=model,
         args=training_arguments(args),
         train_dataset=train,
@@ -244,6 +360,8 @@ def build_trainer(args: TrainArguments, data: LoadedData, model: Any, processor:
         compute_loss_func=make_loss(weights, args.label_smoothing),
         processing_class=processor,
         callbacks=callbacks,
+        mixer=BatchMixer(len(data.labels), args.mixup) if args.mixup else None,
+        layer_decay=args.layer_decay,
     )
 
 

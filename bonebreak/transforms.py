@@ -48,6 +48,23 @@ class AugmentConfig:
     rotation_degrees: float = 10.0
     brightness: float = 0.2
     contrast: float = 0.2
+    policy: str = "basic"  # one of AUGMENT_POLICIES
+
+    def __post_init__(self) -> None:
+        if self.policy not in AUGMENT_POLICIES:
+            raise ValueError(f"unknown augmentation policy '{self.policy}'; choose one of {', '.join(AUGMENT_POLICIES)}")
+
+
+def _policy_ops(policy: str) -> list[Callable]:
+    # TrivialAugment/RandAugment pick their own ops and strengths per image (no tuning needed).
+    if policy == "trivial":
+        return [v2.TrivialAugmentWide(interpolation=v2.InterpolationMode.BILINEAR)]
+    if policy == "randaugment":
+        return [v2.RandAugment(num_ops=2, magnitude=9, interpolation=v2.InterpolationMode.BILINEAR)]
+    return []
+
+
+AUGMENT_POLICIES = ("basic", "trivial", "randaugment")
 
 
 def _size_value(size: Any, key: str) -> int | None:
@@ -110,6 +127,9 @@ def train_transform(cfg: PreprocessConfig, aug: AugmentConfig = AugmentConfig())
         [
             v2.RandomResizedCrop(cfg.image_size, scale=(aug.min_crop_scale, 1.0), interpolation=interpolation, antialias=True),
             v2.RandomHorizontalFlip(aug.hflip),
+        ]
+        + _policy_ops(aug.policy)
+        + [
             v2.RandomRotation(aug.rotation_degrees, interpolation=v2.InterpolationMode.BILINEAR),
             v2.ColorJitter(brightness=aug.brightness, contrast=aug.contrast),
         ]

@@ -1,0 +1,115 @@
+"""Recipe options of issue #6 (mixing, layer decay, precision, dedup, TTA) and the experiment runner."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bonebreak import experiments
+from bonebreak.models import create_model
+from bonebreak.training import BatchMixer, TrainArguments, layer_decay_groups, make_loss, resolve_precision
+from bonebreak.transforms import AugmentConfig, PreprocessConfig, train_transform
+from conftest import synthetic_xray
+
+
+def test_mixer_makes_soft_targets_the_loss_accepts():
+    torch.manual_seed(0)
+    mixer = BatchMixer(num_classes=10, prob=1.0)
+    inputs = {"pixel_values": torch.rand(6, 3, 32, 32), "labels": torch.tensor([0, 1, 2, 3, 4, 5])}
+    mixed = mixer(inputs)
+    assert mixed["labels"].shape == (6, 10)
+    assert torch.allclose(mixed["labels"].sum(dim=1), torch.ones(6))
+    assert not torch.equal(mixed["pixel_values"], inputs["pixel_values"])
+    loss = make_loss(torch.ones(10), 0.1)
+    logits = type("Out", (), {"logits": torch.randn(6, 10)})()
+    assert torch.isfinite(loss(logits, mixed["labels"])) and torch.isfinite(loss(logits, inputs["labels"]))
+    assert BatchMixer(10, prob=0.0)(inputs) is inputs
+
+
+def test_layer_decay_slows_the_stem_and_rejects_non_timm_models(tiny_vit):
+    model, _ = create_model("efficientnet_lite0", [f"c{i}" for i in range(10)], 64)
+    groups = layer_decay_groups(model, 1e-3, 0.05, 0.5)
+    lrs = [g["lr"] for g in groups]
+    assert max(lrs) == pytest.approx(1e-3) and min(lrs) < 1e-5
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    stem = model.timm_model.conv_stem.weight
+    head = model.timm_model.classifier.weight
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    assert lr_of[id(stem)] < lr_of[id(head)]
+    vit, _ = create_model(str(tiny_vit), [f"c{i}" for i in range(10)])
+    with pytest.raises(ValueError, match="--layer_decay"):
+        layer_decay_groups(vit, 1e-3, 0.05, 0.5)
+
+
+def test_precision_choice():
+    assert resolve_precision("fp32", cuda=False) == "fp32"
+    assert resolve_precision("auto", cuda=False) in ("fp32", "bf16")
+    with pytest.raises(ValueError, match="--precision fp16 needs a CUDA GPU"):
+        resolve_precision("fp16", cuda=False)
+    for flag, value in (("--precision", "fp8"), ("--augment", "wild"), ("--mixup", 2.0), ("--layer_decay", 0.0)):
+        with pytest.raises(ValueError, match=flag):
+            TrainArguments(**{flag[2:]: value})
+
+
+def test_augmentation_policies_give_model_sized_tensors():
+    cfg = PreprocessConfig(image_size=48, mean=(0.5,) * 3, std=(0.5,) * 3)
+    for policy in ("basic", "trivial", "randaugment"):
+        out = train_transform(cfg, AugmentConfig(policy=policy))(synthetic_xray(1))
+        assert out.shape == (3, 48, 48) and out.dtype == torch.float32
+    with pytest.raises(ValueError, match="unknown augmentation policy"):
+        AugmentConfig(policy="nope")
+
+
+def test_dedup_keeps_one_image_per_near_duplicate_group(real_data):
+    from bonebreak.data import read_manifest_groups
+    from bonebreak.evaluate import image_paths
+    from pathlib import Path
+
+    full = TrainArguments(data_dir=str(real_data))
+    deduped = TrainArguments(data_dir=str(real_data), dedup_groups=True)
+    from bonebreak.training import prepare_data
+
+    data, kept = prepare_data(full), prepare_data(deduped)
+    groups = read_manifest_groups(kept.manifest, kept.root)
+    all_groups = {groups[Path(p)] for p in image_paths(data.splits["train"])}
+    kept_groups = [groups[Path(p)] for p in image_paths(kept.splits["train"])]
+    assert len(kept_groups) == len(set(kept_groups)) == len(all_groups) < len(data.splits["train"])
+    assert len(kept.splits["validation"]) == len(data.splits["validation"])  # only train is thinned
+
+
+def test_flip_tta_averages_the_mirror_image(trained_vit):
+    from bonebreak.inference import Predictor
+
+    plain = Predictor.from_checkpoint(trained_vit, device="cpu")
+    tta = Predictor.from_checkpoint(trained_vit, device="cpu", tta=True)
+    image = synthetic_xray(3)
+    mirrored = image.transpose(0)  # PIL FLIP_LEFT_RIGHT
+    expected = (plain.logits([image]) + plain.logits([mirrored])) / 2
+    assert torch.allclose(torch.from_numpy(tta.logits([image])), torch.from_numpy(expected), atol=1e-4)
+
+
+def test_every_recipe_is_a_valid_training_command():
+    exp = experiments.ExperimentArguments(recipes=list(experiments.RECIPES))
+    for name in experiments.RECIPES:
+        args = experiments.recipe_arguments(name, exp)
+        assert args.epochs == experiments.RECIPES[name].get("epochs", experiments.BASE["epochs"])
+        assert args.output_dir.endswith(f"{name}-seed42")
+    with pytest.raises(ValueError, match="unknown recipe"):
+        experiments.ExperimentArguments(recipes=["magic"])
+    with pytest.raises(ValueError, match="--recipes"):
+        experiments.ExperimentArguments()
+
+
+def test_runner_trains_records_and_tabulates(handful, tmp_path):
+    experiments.main(["--recipes", "mixup", "--data_dir", str(handful), "--epochs", "1", "--results_dir", str(tmp_path / "results"),
+                      "--work_dir", str(tmp_path / "work"), "--table_path", str(tmp_path / "table.md")])
+    (path,) = (tmp_path / "results").glob("*.json")
+    record = json.loads(path.read_text())
+    assert record["recipe"] == "mixup" and record["arguments"]["mixup"] == 0.5 and record["kind"] == "split"
+    for split in ("validation", "test", "validation_tta", "test_tta"):
+        assert 0 <= record[split]["accuracy"] <= 1 and len(record[split]["ci95"]["macro_f1"]) == 2
+    assert record["commit"] and record["wall_seconds"] > 0
+    table = (tmp_path / "table.md").read_text()
+    assert "| mixup | `--mixup 0.5` |" in table and "do not edit by hand" in table

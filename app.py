@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 from transformers import HfArgumentParser
 
 from bonebreak.images import DEFAULT_LIMITS, DecodeLimits
-from bonebreak.inference import DEFAULT_UNSURE_BELOW, Predictor
+from bonebreak.inference import BACKENDS, DEFAULT_UNSURE_BELOW, Predictor
 from bonebreak.models import ModelLoadError
 from bonebreak.ui import build_demo, launch
 
@@ -33,7 +33,14 @@ class AppArguments:
         default=DEFAULT_LIMITS.max_pixels / 1e6, metadata={"help": "Refuse images with more pixels than this (decompression bombs)."}
     )
 
+    backend: str = field(
+        default="auto",
+        metadata={"help": "auto (ONNX Runtime on CPU when the checkpoint has an up-to-date model.onnx, else PyTorch), torch or onnx."},
+    )
+
     def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got '{self.backend}'")
         if not 1 <= self.port <= 65535:
             raise ValueError(f"--port must be between 1 and 65535, got {self.port}")
         if self.concurrency < 1 or self.max_upload_mb < 1 or self.max_image_megapixels <= 0:
@@ -47,7 +54,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         (args,) = HfArgumentParser(AppArguments).parse_args_into_dataclasses()
-        predictor = Predictor.from_checkpoint(args.model_path, unsure_below=args.unsure_below, limits=args.decode_limits())
+        predictor = Predictor.from_checkpoint(args.model_path, unsure_below=args.unsure_below, limits=args.decode_limits(), backend=args.backend)
     except (ModelLoadError, ValueError) as error:
         sys.exit(f"error: {error}")
     launch(build_demo(predictor), args.host, args.port, args.concurrency, args.max_upload_mb)

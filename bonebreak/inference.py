@@ -7,10 +7,11 @@ preprocesses, runs the model and returns calibrated probabilities per label;
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -22,6 +23,9 @@ from .models import load_checkpoint
 from .transforms import PreprocessConfig, eval_transform, preprocess_config_from_processor
 
 DEFAULT_UNSURE_BELOW = 0.5
+BACKENDS = ("auto", "torch", "onnx")
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,7 @@ class Predictor:
         temperature: float = 1.0,
         ood: OODDetector | None = None,
         tta: bool = False,
+        onnx: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         if not 0.0 <= unsure_below <= 1.0:
             raise ValueError(f"unsure threshold must be between 0 and 1, got {unsure_below}")
@@ -87,21 +92,37 @@ class Predictor:
         self.ood = ood
         self.tta = tta  # average the logits of the image and its mirror image
         self.embedder: ImageEmbedder | None = None  # loaded on first use of the X-ray check
+        self.onnx = onnx  # pixels -> logits on ONNX Runtime; the PyTorch model still serves Grad-CAM
+        self.backend = "onnx" if onnx is not None else "torch"
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, device: str | None = None, calibrated: bool = True, **kwargs) -> "Predictor":
-        """Load a checkpoint with its fitted temperature and X-ray check (unless ``calibrated=False``)."""
+    def from_checkpoint(
+        cls, path: str | os.PathLike, device: str | None = None, calibrated: bool = True, backend: str = "torch", **kwargs
+    ) -> "Predictor":
+        """Load a checkpoint with its fitted temperature and X-ray check (unless ``calibrated=False``).
+
+        ``backend``: "torch", "onnx" (the checkpoint's exported ``model.onnx``; an error names the
+        export command when it is missing or stale) or "auto" (ONNX on CPU when usable, else torch).
+        """
+        if backend not in BACKENDS:
+            raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got '{backend}'")
         model, processor = load_checkpoint(path)
         if calibrated:
             kwargs.setdefault("temperature", float(getattr(model.config, TEMPERATURE_KEY, None) or 1.0))
             kwargs.setdefault("ood", OODDetector.load(path))
-        return cls(model, preprocess_config_from_processor(processor), device=device, **kwargs)
+        return cls(model, preprocess_config_from_processor(processor), device=device, onnx=onnx_forward(path, backend, device), **kwargs)
 
     def load(self, source: ImageSource) -> Image.Image:
         return load_image(source, self.limits)
 
     def _batch(self, images: Sequence[Image.Image]) -> torch.Tensor:
         return torch.stack([self.transform(image) for image in images]).to(self.device)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Logits of a preprocessed batch on the chosen backend."""
+        if self.onnx is not None:
+            return self.onnx(pixels)
+        return self.model(pixel_values=pixels).logits.float()
 
     @torch.inference_mode()
     def logits(self, images: Sequence[ImageSource], batch_size: int = 16) -> np.ndarray:
@@ -110,9 +131,9 @@ class Predictor:
         for start in range(0, len(images), batch_size):
             decoded = [self.load(image) for image in images[start : start + batch_size]]
             pixels = self._batch(decoded)
-            logits = self.model(pixel_values=pixels).logits.float()
+            logits = self.forward(pixels)
             if self.tta:
-                logits = (logits + self.model(pixel_values=pixels.flip(-1)).logits.float()) / 2
+                logits = (logits + self.forward(pixels.flip(-1))) / 2
             chunks.append(logits.cpu().numpy())
         return np.concatenate(chunks) if chunks else np.zeros((0, len(self.labels)))
 
@@ -174,6 +195,25 @@ class Predictor:
         std = torch.tensor(self.preprocess.std).view(3, 1, 1)
         view_rgb = ((view * std + mean).clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
         return Image.fromarray(view_rgb), cam.cpu().numpy()
+
+
+def onnx_forward(path: str | os.PathLike, backend: str, device: str | None) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The ONNX Runtime forward for ``backend`` ("auto" falls back to torch with the reason logged)."""
+    from .export import OnnxUnavailable, load_onnx
+
+    if backend == "torch":
+        return None
+    if pick_device(device).type != "cpu":
+        if backend == "onnx":
+            raise ValueError("--backend onnx runs on CPU only; use --backend torch (or auto) on a GPU")
+        return None
+    try:
+        return load_onnx(path)
+    except OnnxUnavailable as error:
+        if backend == "onnx":
+            raise ValueError(str(error)) from error
+        logger.info("using PyTorch, not ONNX Runtime: %s", error)
+        return None
 
 
 def overlay_heatmap(view: Image.Image, cam: np.ndarray, alpha: float = 0.45) -> Image.Image:

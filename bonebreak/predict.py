@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
 from .images import ImageLoadError, is_image_file
-from .inference import DEFAULT_UNSURE_BELOW, Predictor
+from .inference import BACKENDS, DEFAULT_UNSURE_BELOW, Predictor
 from .models import ModelLoadError
 
 FORMATS = ("table", "csv", "json")
@@ -34,8 +34,14 @@ class PredictArguments:
         default=DEFAULT_UNSURE_BELOW, metadata={"help": "Flag a prediction as unsure when its top probability is below this."}
     )
     device: str | None = field(default=None, metadata={"help": "cpu, cuda or cuda:N (default: cuda if available)."})
+    backend: str = field(
+        default="auto",
+        metadata={"help": "auto (ONNX Runtime on CPU when the checkpoint has an up-to-date model.onnx, else PyTorch), torch or onnx."},
+    )
 
     def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got '{self.backend}'")
         if self.format not in FORMATS:
             raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got '{self.format}'")
         if self.top_k < 1:
@@ -130,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: none of the given paths exist: {' '.join(extra.paths)}", file=sys.stderr)
         return 2
     try:
-        predictor = Predictor.from_checkpoint(args.model_path, device=args.device, unsure_below=args.unsure_below)
+        predictor = Predictor.from_checkpoint(args.model_path, device=args.device, unsure_below=args.unsure_below, backend=args.backend)
     except ModelLoadError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

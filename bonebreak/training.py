@@ -25,10 +25,11 @@ from transformers import EarlyStoppingCallback, HfArgumentParser, Trainer, Train
 from torchvision.transforms import v2
 from transformers.trainer_utils import set_seed
 
-from .data import LoadedData, load_splits, resolve_data_dir, split_counts_of
+from .data import DecodedImages, LoadedData, load_splits, resolve_data_dir, split_counts_of
 from . import model_card
 from .calibration import OOD_FILE, OODDetector, calibrate_predictor
 from .evaluate import image_paths, ood_check, run_evaluation
+from .export import export_onnx
 from .inference import Predictor
 from .metrics import classification_metrics, headline
 from .models import create_model, save_checkpoint
@@ -104,6 +105,11 @@ class TrainArguments:
         metadata={"help": "Evaluate and save a resumable checkpoint every N steps (0: at the end of every epoch)."},
     )
     num_workers: int = field(default=2, metadata={"help": "Data-loading worker processes per training process."})
+    cache_images: bool = field(
+        default=True,
+        metadata={"help": "Decode every image once into memory (about 0.5 GB for this dataset) instead of once per epoch; "
+                  "--cache_images False streams them from disk (datasets too large for memory)."},
+    )
     logging_steps: int = field(default=10, metadata={"help": "Log the training loss every N steps."})
     max_train_samples: int | None = field(
         default=None, metadata={"help": "Use only the first N shuffled training images (quick experiments, tests)."}
@@ -112,6 +118,10 @@ class TrainArguments:
         default=0,
         metadata={"aliases": ["--cv"], "help": "Instead of one model, run grouped stratified k-fold cross-validation over Train and write "
                   "<output_dir>/cv.json (needs the grouped split manifest; e.g. 5)."},
+    )
+    export_onnx: bool = field(
+        default=True,
+        metadata={"help": "Also write an ONNX copy (model.onnx, verified against PyTorch) that the app and CLI run on CPU by default."},
     )
     evaluate_test: bool = field(
         default=True, metadata={"help": "After training, evaluate the best model on the test split (never used for selection)."}
@@ -344,10 +354,15 @@ class BoneBreakTrainer(Trainer):
         return self.optimizer
 
 
+def model_inputs(split: datasets.Dataset, transform: Any, cache: bool) -> Any:
+    """The split as Trainer inputs, decoded once into memory or on every read."""
+    return DecodedImages(split, transform) if cache else split.with_transform(batch_transform(transform))
+
+
 def build_trainer(args: TrainArguments, data: LoadedData, model: Any, processor: Any) -> Trainer:
     preprocess = preprocess_config_from_processor(processor)
-    train = data.splits["train"].with_transform(batch_transform(train_transform(preprocess, AugmentConfig(policy=args.augment))))
-    validation = data.splits["validation"].with_transform(batch_transform(eval_transform(preprocess)))
+    train = model_inputs(data.splits["train"], train_transform(preprocess, AugmentConfig(policy=args.augment)), args.cache_images)
+    validation = model_inputs(data.splits["validation"], eval_transform(preprocess), args.cache_images)
     weights = class_weights(data.splits["train"]["label"], len(data.labels)) if args.class_weighted_loss else None
     callbacks = [EarlyStoppingCallback(args.early_stopping_patience)] if args.early_stopping_patience else []
     return BoneBreakTrainer(
@@ -437,8 +452,14 @@ def write_outputs(args: TrainArguments, data: LoadedData, trainer: Trainer, summ
         }
         extra.update({name: (scratch / name).read_bytes() for name in ("training_curves.png", "reliability_validation.png", OOD_FILE, "calibration.json")})
         model.to("cpu")
-        return save_checkpoint(model, processor, args.output_dir, extra_files=extra,
-                               extra_dirs={f"eval_{split}": scratch / f"eval_{split}" for split in splits})
+        saved = save_checkpoint(model, processor, args.output_dir, extra_files=extra,
+                                extra_dirs={f"eval_{split}": scratch / f"eval_{split}" for split in splits})
+    if args.export_onnx:
+        try:
+            export_onnx(saved)
+        except Exception as error:  # the PyTorch checkpoint is complete and usable without it
+            logger.warning("ONNX export failed, the app and CLI will run on PyTorch: %s", error)
+    return saved
 
 
 def run_training(args: TrainArguments, data: LoadedData | None = None) -> dict:

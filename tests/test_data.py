@@ -173,3 +173,19 @@ def test_shipped_manifest_matches_the_real_dataset(real_data):
     assert data.grouped
     sizes = {k: sum(v.values()) for k, v in data.counts.items()}
     assert sizes["train"] + sizes["validation"] == 989 and sizes["test"] == 140 and 90 <= sizes["clean_test"] < 140
+
+
+def test_decoded_cache_gives_the_same_inputs_as_streaming(handful):
+    import torch
+
+    from bonebreak.data import DecodedImages
+    from bonebreak.training import model_inputs
+    from bonebreak.transforms import PreprocessConfig, eval_transform
+
+    split = load_splits(handful, split_manifest="none").splits["train"]
+    transform = eval_transform(PreprocessConfig(image_size=64, mean=(0.5,) * 3, std=(0.5,) * 3))
+    cached, streamed = model_inputs(split, transform, cache=True), model_inputs(split, transform, cache=False)
+    assert isinstance(cached, DecodedImages) and len(cached) == len(split)
+    for i in (0, len(split) - 1):
+        assert cached[i]["labels"] == streamed[i]["labels"]
+        assert torch.equal(cached[i]["pixel_values"], streamed[i]["pixel_values"])

@@ -17,7 +17,7 @@ def test_shipped_checkpoint_is_small_and_safetensors_only():
     assert {"config.json", "model.safetensors", "metrics.json", "training_curves.png"} <= files
     assert not any(name.endswith((".bin", ".pt", ".pth", ".pkl")) for name in files)
     total = sum(p.stat().st_size for p in SHIPPED_MODEL.rglob("*") if p.is_file())
-    assert total < 25 * 1024 * 1024
+    assert total < 32 * 1024 * 1024  # 14 MB of safetensors, 14 MB of ONNX copy, reports and the X-ray check
 
 
 def test_shipped_checkpoint_loads_with_pipeline_and_auto_classes():

@@ -1,0 +1,228 @@
+"""Speed of BoneBreak's own paths against bare baselines, measured side by side in one run.
+
+    python benchmarks/speed.py [--data_dir DIR] [--model_path checkpoints/bone_break_model]
+
+Prints, and writes to benchmarks/results/speed/<time>.json:
+- training: img/s of our Trainer path vs a bare PyTorch loop on the same model, batch, data
+  pipeline and precision (target ratio >= 0.9); images decoded once vs on every read; and
+  the Trainer with 0/1/2 dataloader workers;
+- inference: latency p50/p95 of ``Predictor.predict`` (decode + preprocess + forward +
+  softmax) vs a bare forward on a preloaded tensor (target <= 1.2x), on PyTorch eager and
+  ONNX Runtime; ONNX Runtime vs PyTorch eager at batch 1 (target >= 2x);
+- the predict CLI's folder throughput (img/s, X-ray check included).
+Ratios are what to compare across machines; absolute numbers depend on the CPU and load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from transformers import TrainerCallback
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bonebreak.data import resolve_data_dir  # noqa: E402
+from bonebreak.evaluate import image_paths  # noqa: E402
+from bonebreak.export import ONNX_FILE, export_onnx  # noqa: E402
+from bonebreak.inference import Predictor  # noqa: E402
+from bonebreak.models import create_model  # noqa: E402
+from bonebreak.predict import predict_files  # noqa: E402
+from bonebreak.training import (  # noqa: E402
+    TrainArguments,
+    build_trainer,
+    class_weights,
+    make_loss,
+    model_inputs,
+    prepare_data,
+    resolve_precision,
+)
+from bonebreak.transforms import AugmentConfig, collate, preprocess_config_from_processor, train_transform  # noqa: E402
+
+
+def percentiles_ms(seconds: list[float]) -> dict[str, float]:
+    return {"p50_ms": round(float(np.percentile(seconds, 50)) * 1e3, 2), "p95_ms": round(float(np.percentile(seconds, 95)) * 1e3, 2)}
+
+
+def time_calls(fn: Callable[[Any], Any], inputs: list[Any], warmup: int = 5) -> list[float]:
+    for item in inputs[:warmup]:
+        fn(item)
+    seconds = []
+    for item in inputs:
+        started = time.perf_counter()
+        fn(item)
+        seconds.append(time.perf_counter() - started)
+    return seconds
+
+
+# --- training ----------------------------------------------------------------------------
+
+
+class StepTimer(TrainerCallback):
+    """Times Trainer steps after a warm-up and stops training after ``steps`` timed steps."""
+
+    def __init__(self, warmup: int, steps: int) -> None:
+        self.warmup, self.steps, self.marks = warmup, steps, []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.warmup:
+            self.marks.append(time.perf_counter())
+        if len(self.marks) > self.steps:
+            control.should_training_stop = True
+
+
+def trainer_images_per_second(args: TrainArguments, data: Any, warmup: int, steps: int) -> float:
+    torch.manual_seed(args.seed)
+    model, processor = create_model(args.model, data.labels, args.image_size)
+    trainer = build_trainer(args, data, model, processor)
+    timer = StepTimer(warmup, steps)
+    trainer.add_callback(timer)
+    trainer.train()
+    return steps * args.batch_size / (timer.marks[-1] - timer.marks[0])
+
+
+def bare_images_per_second(args: TrainArguments, data: Any, warmup: int, steps: int) -> float:
+    """The same model, data pipeline, loss, optimizer and precision in a plain PyTorch loop."""
+    torch.manual_seed(args.seed)
+    model, processor = create_model(args.model, data.labels, args.image_size)
+    transform = train_transform(preprocess_config_from_processor(processor), AugmentConfig(policy=args.augment))
+    loader = torch.utils.data.DataLoader(
+        model_inputs(data.splits["train"], transform, args.cache_images), batch_size=args.batch_size, shuffle=True, drop_last=True,
+        collate_fn=collate, num_workers=args.num_workers, persistent_workers=args.num_workers > 0,
+    )
+    weights = class_weights(data.splits["train"]["label"], len(data.labels)) if args.class_weighted_loss else None
+    loss_fn = make_loss(weights, args.label_smoothing)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    bf16 = resolve_precision(args.precision, torch.cuda.is_available()) == "bf16"
+    model.train()
+    marks, done = [], 0
+    while len(marks) <= steps:
+        for batch in loader:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = loss_fn(model(pixel_values=batch["pixel_values"]), batch["labels"])
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            done += 1
+            if done >= warmup:
+                marks.append(time.perf_counter())
+            if len(marks) > steps:
+                break
+    return steps * args.batch_size / (marks[-1] - marks[0])
+
+
+def training_section(data_dir: str, warmup: int, steps: int) -> dict:
+    with tempfile.TemporaryDirectory() as scratch:
+        args = TrainArguments(data_dir=data_dir, output_dir=str(Path(scratch) / "model"), epochs=100, early_stopping_patience=0,
+                              logging_steps=1000, overwrite=True)
+        data = prepare_data(args)
+        runs: dict[str, float] = {}
+        # Interleaved and repeated so a change in machine load hits both paths alike.
+        for repeat in (1, 2):
+            runs[f"bare_loop_{repeat}"] = bare_images_per_second(args, data, warmup, steps)
+            runs[f"trainer_{repeat}"] = trainer_images_per_second(args, data, warmup, steps)
+        runs["bare_loop_streamed"] = bare_images_per_second(replace(args, cache_images=False), data, warmup, steps)
+        for workers in (0, 1):
+            runs[f"trainer_workers_{workers}"] = trainer_images_per_second(replace(args, num_workers=workers), data, warmup, steps)
+    bare = (runs["bare_loop_1"] + runs["bare_loop_2"]) / 2
+    ours = (runs["trainer_1"] + runs["trainer_2"]) / 2
+    return {
+        "setup": {"model": args.model, "batch_size": args.batch_size, "precision": resolve_precision(args.precision, torch.cuda.is_available()),
+                  "num_workers": args.num_workers, "timed_steps": steps, "warmup_steps": warmup, "augment": args.augment},
+        "images_per_second": {k: round(v, 2) for k, v in runs.items()},
+        "trainer_vs_bare_loop": round(ours / bare, 3),
+        "decoded_cache_vs_streamed": round(bare / runs["bare_loop_streamed"], 3),
+    }
+
+
+# --- inference ---------------------------------------------------------------------------
+
+
+def inference_section(model_path: str, files: list[str], rounds: int = 3) -> dict:
+    if not (Path(model_path) / ONNX_FILE).is_file():
+        export_onnx(model_path)
+    eager = Predictor.from_checkpoint(model_path, device="cpu", backend="torch")
+    onnx = Predictor.from_checkpoint(model_path, device="cpu", backend="onnx")
+    pixels = [eager._batch([eager.load(f)]) for f in files]
+    xray_check, eager.ood, onnx.ood = eager.ood, None, None  # predict() itself; the X-ray check is timed on its own below
+    with_xray = Predictor(onnx.model, onnx.preprocess, device="cpu", temperature=onnx.temperature, ood=xray_check, onnx=onnx.onnx)
+
+    def bare_torch(x: torch.Tensor) -> None:
+        with torch.inference_mode():
+            eager.model(pixel_values=x)
+
+    timings: dict[str, list[float]] = {}
+    for _ in range(rounds):  # interleaved rounds, so a change in machine load hits every path alike
+        for name, fn, inputs in [("bare_forward_torch", bare_torch, pixels), ("bare_forward_onnx", onnx.onnx, pixels),
+                                 ("predict_torch", eager.predict, files), ("predict_onnx", onnx.predict, files),
+                                 ("predict_onnx_with_xray_check", with_xray.predict, files)]:
+            timings.setdefault(name, []).extend(time_calls(fn, inputs))
+    bare_eager, bare_onnx, predict_eager, predict_onnx = (timings[k] for k in ("bare_forward_torch", "bare_forward_onnx", "predict_torch", "predict_onnx"))
+    p50 = lambda seconds: float(np.median(seconds))  # noqa: E731
+    return {
+        "images": len(files),
+        "threads": torch.get_num_threads(),
+        "rounds": rounds,
+        "latency": {name: percentiles_ms(s) for name, s in timings.items()},
+        "onnx_vs_torch_forward_speedup": round(p50(bare_eager) / p50(bare_onnx), 2),
+        "predict_vs_bare_forward": {
+            "torch": round(p50(predict_eager) / p50(bare_eager), 2),
+            "onnx": round(p50(predict_onnx) / p50(bare_onnx), 2),
+            "onnx_predict_vs_bare_torch_forward": round(p50(predict_onnx) / p50(bare_eager), 2),
+        },
+    }
+
+
+def folder_section(model_path: str, files: list[str]) -> dict:
+    result = {}
+    for backend in ("torch", "onnx"):
+        predictor = Predictor.from_checkpoint(model_path, device="cpu", backend=backend)
+        predict_files(predictor, [Path(f) for f in files[:16]])  # warm-up (and loads the X-ray check's model)
+        started = time.perf_counter()
+        predict_files(predictor, [Path(f) for f in files])
+        result[f"{backend}_images_per_second"] = round(len(files) / (time.perf_counter() - started), 1)
+    return {"images": len(files), "batch_size": 16, **result}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data_dir", default=None, help="Dataset folder (default: $BONEBREAK_DATA, else data/bone-break).")
+    parser.add_argument("--model_path", default="checkpoints/bone_break_model", help="Checkpoint for the inference benchmarks.")
+    parser.add_argument("--train_steps", type=int, default=12, help="Timed training steps per run (after warm-up).")
+    parser.add_argument("--warmup_steps", type=int, default=3, help="Untimed steps first (worker start-up, allocator).")
+    parser.add_argument("--skip_training", action="store_true", help="Only the inference benchmarks.")
+    parser.add_argument("--out", default=None, help="JSON file (default: benchmarks/results/speed/<time>.json).")
+    args = parser.parse_args()
+    if args.train_steps < 2 or args.warmup_steps < 1:
+        parser.error("--train_steps must be >= 2 and --warmup_steps >= 1")
+
+    data_dir = str(resolve_data_dir(args.data_dir))
+    data = prepare_data(TrainArguments(data_dir=data_dir))
+    files = image_paths(data.splits["clean_test" if "clean_test" in data.splits else "validation"])
+    report = {
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
+                    "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+        "inference": inference_section(args.model_path, files[:60]),
+        "cli_folder": folder_section(args.model_path, files),
+    }
+    if not args.skip_training:
+        report["training"] = training_section(data_dir, args.warmup_steps, args.train_steps)
+    out = Path(args.out or f"benchmarks/results/speed/{time.strftime('%Y-%m-%dT%H%M%S')}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+    print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -95,7 +95,7 @@ def bare_images_per_second(args: TrainArguments, data: Any, warmup: int, steps: 
     """The same model, data pipeline, loss, optimizer and precision in a plain PyTorch loop."""
     torch.manual_seed(args.seed)
     model, processor = create_model(args.model, data.labels, args.image_size)
-    transform = train_transform(preprocess_config_from_processor(processor), AugmentConfig(policy=args.augment))
+    transform = train_transform(preprocess_config_from_processor(processor, model.config), AugmentConfig(policy=args.augment))
     loader = torch.utils.data.DataLoader(
         model_inputs(data.splits["train"], transform, args.cache_images), batch_size=args.batch_size, shuffle=True, drop_last=True,
         collate_fn=collate, num_workers=args.num_workers, persistent_workers=args.num_workers > 0,

@@ -49,6 +49,9 @@ RECIPES: dict[str, dict[str, Any]] = {
     "layer_decay": {"layer_decay": 0.7},
     "no_class_weights": {"class_weighted_loss": False},
     "dedup": {"dedup_groups": True},
+    "balanced_sampler": {"balanced_sampling": True, "class_weighted_loss": False},
+    "ema": {"ema": 0.99},
+    "equalize": {"equalize": True},
     "lr1e-3": {"learning_rate": 1e-3},
     "lr2e-4": {"learning_rate": 2e-4},
 }

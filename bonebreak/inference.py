@@ -110,7 +110,7 @@ class Predictor:
         if calibrated:
             kwargs.setdefault("temperature", float(getattr(model.config, TEMPERATURE_KEY, None) or 1.0))
             kwargs.setdefault("ood", OODDetector.load(path))
-        return cls(model, preprocess_config_from_processor(processor), device=device, onnx=onnx_forward(path, backend, device), **kwargs)
+        return cls(model, preprocess_config_from_processor(processor, model.config), device=device, onnx=onnx_forward(path, backend, device), **kwargs)
 
     def load(self, source: ImageSource) -> Image.Image:
         return load_image(source, self.limits)

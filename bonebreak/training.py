@@ -21,7 +21,7 @@ import datasets
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import EarlyStoppingCallback, HfArgumentParser, Trainer, TrainingArguments
+from transformers import EarlyStoppingCallback, HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 from torchvision.transforms import v2
 from transformers.trainer_utils import set_seed
 
@@ -34,7 +34,7 @@ from .inference import Predictor
 from .metrics import classification_metrics, headline
 from .models import create_model, save_checkpoint
 from .plots import plot_training_curves
-from .transforms import AUGMENT_POLICIES, AugmentConfig, batch_transform, collate, eval_transform, preprocess_config_from_processor, train_transform
+from .transforms import AUGMENT_POLICIES, EQUALIZE_KEY, AugmentConfig, batch_transform, collate, eval_transform, preprocess_config_from_processor, train_transform
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +76,19 @@ class TrainArguments:
         default=1.0,
         metadata={"help": "Layer-wise learning-rate decay for timm-backed models: each earlier stage learns this factor "
                   "slower (e.g. 0.7); 1 disables."},
+    )
+    balanced_sampling: bool = field(
+        default=False,
+        metadata={"help": "Draw training images with probability inverse to their class frequency (instead of, or with, the weighted loss)."},
+    )
+    ema: float = field(
+        default=0.0,
+        metadata={"help": "Evaluate and keep an exponential moving average of the weights with this decay (e.g. 0.99); 0 disables. "
+                  "Needs epoch-end evaluation (no --save_every_steps); a resumed run restarts the average."},
+    )
+    equalize: bool = field(
+        default=False,
+        metadata={"help": "Histogram-equalise every radiograph before resizing, in training and (saved in the checkpoint) at inference."},
     )
     dedup_groups: bool = field(
         default=False, metadata={"help": "Train on one image per near-duplicate group of the split manifest."}
@@ -143,10 +156,13 @@ class TrainArguments:
             "--layer_decay": 0 < self.layer_decay <= 1,
             "--precision": self.precision in PRECISIONS,
             "--augment": self.augment in AUGMENT_POLICIES,
+            "--ema": self.ema == 0 or 0 < self.ema < 1,
         }
         bad = [flag for flag, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"invalid value for {', '.join(bad)}; see `python train.py --help`")
+        if self.ema and self.save_every_steps:
+            raise ValueError("--ema averages weights between epoch-end evaluations: drop --save_every_steps or --ema")
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite contradict each other: pick one")
 
@@ -333,12 +349,60 @@ def layer_decay_groups(model: Any, learning_rate: float, weight_decay: float, la
     return [{"params": g["params"], "weight_decay": g["weight_decay"], "lr": learning_rate * g.get("lr_scale", 1.0)} for g in groups]
 
 
-class BoneBreakTrainer(Trainer):
-    """Trainer plus batch mixing and layer-wise learning-rate decay (both off by default)."""
+class WeightEMA(TrainerCallback):
+    """Exponential moving average of the weights, swapped in for each epoch-end evaluation and save.
 
-    def __init__(self, *args: Any, mixer: BatchMixer | None = None, layer_decay: float = 1.0, **kwargs: Any) -> None:
+    The Trainer evaluates and saves right after ``on_epoch_end``, so the selected and saved model
+    is the average; ``on_epoch_begin`` swaps the raw weights back before training continues.
+    The decay warms up as (1 + t) / (10 + t), so early averages do not cling to the ImageNet start.
+    """
+
+    def __init__(self, decay: float) -> None:
+        self.decay, self.shadow, self.updates, self.swapped = decay, None, 0, False
+
+    def _tensors(self, model: torch.nn.Module) -> list[torch.Tensor]:
+        return [t for t in model.state_dict().values() if t.dtype.is_floating_point]
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        current = self._tensors(model)
+        if self.shadow is None:
+            self.shadow = [t.detach().clone() for t in current]
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        with torch.no_grad():
+            torch._foreach_lerp_(self.shadow, [t.detach() for t in current], 1 - decay)
+
+    def _swap(self, model: torch.nn.Module) -> None:
+        with torch.no_grad():
+            for live, average in zip(self._tensors(model), self.shadow):
+                scratch = live.clone()
+                live.copy_(average)
+                average.copy_(scratch)
+        self.swapped = not self.swapped
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        if self.shadow is not None and not self.swapped:
+            self._swap(model)
+
+    def on_epoch_begin(self, args, state, control, model=None, **kwargs):
+        if self.swapped:
+            self._swap(model)
+
+
+class BoneBreakTrainer(Trainer):
+    """Trainer plus batch mixing, layer-wise learning-rate decay and class-balanced sampling (all off by default)."""
+
+    def __init__(self, *args: Any, mixer: BatchMixer | None = None, layer_decay: float = 1.0, balanced: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.mixer, self.layer_decay = mixer, layer_decay
+        self.mixer, self.layer_decay, self.balanced = mixer, layer_decay, balanced
+
+    def _get_train_sampler(self, train_dataset=None):
+        if not self.balanced:
+            return super()._get_train_sampler(train_dataset)
+        labels = list((train_dataset or self.train_dataset).labels)
+        counts = np.bincount(labels)
+        generator = torch.Generator().manual_seed(self.args.seed)  # the same draw on every process
+        return torch.utils.data.WeightedRandomSampler(1.0 / counts[labels], num_samples=len(labels), replacement=True, generator=generator)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.mixer is not None and model.training:
@@ -360,11 +424,14 @@ def model_inputs(split: datasets.Dataset, transform: Any, cache: bool) -> Any:
 
 
 def build_trainer(args: TrainArguments, data: LoadedData, model: Any, processor: Any) -> Trainer:
-    preprocess = preprocess_config_from_processor(processor)
+    model.config.update({EQUALIZE_KEY: args.equalize})  # saved with the weights, so inference equalises too
+    preprocess = preprocess_config_from_processor(processor, model.config)
     train = model_inputs(data.splits["train"], train_transform(preprocess, AugmentConfig(policy=args.augment)), args.cache_images)
     validation = model_inputs(data.splits["validation"], eval_transform(preprocess), args.cache_images)
     weights = class_weights(data.splits["train"]["label"], len(data.labels)) if args.class_weighted_loss else None
     callbacks = [EarlyStoppingCallback(args.early_stopping_patience)] if args.early_stopping_patience else []
+    if args.ema:
+        callbacks.append(WeightEMA(args.ema))
     return BoneBreakTrainer(
         model=model,
         args=training_arguments(args),
@@ -377,6 +444,7 @@ def build_trainer(args: TrainArguments, data: LoadedData, model: Any, processor:
         callbacks=callbacks,
         mixer=BatchMixer(len(data.labels), args.mixup) if args.mixup else None,
         layer_decay=args.layer_decay,
+        balanced=args.balanced_sampling,
     )
 
 
@@ -420,7 +488,7 @@ def summarise(args: TrainArguments, data: LoadedData, trainer: Trainer, train_se
 
 def calibrate(model: Any, processor: Any, data: LoadedData, out_dir: Path) -> tuple[Predictor, dict]:
     """Fit temperature and the X-ray check on validation; returns the calibrated predictor."""
-    raw = Predictor(model, preprocess_config_from_processor(processor))
+    raw = Predictor(model, preprocess_config_from_processor(processor, model.config))
     result = calibrate_predictor(raw, image_paths(data.splits["train"]), image_paths(data.splits["validation"]),
                                  data.splits["validation"]["label"], out_dir)
     raw.temperature, raw.ood = result["temperature"], OODDetector.load(out_dir)

@@ -11,11 +11,12 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable, Sequence
 
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision.transforms import v2
 
 from .images import to_rgb
 
+EQUALIZE_KEY = "bonebreak_equalize"  # model-config key written by training
 _PIL_RESAMPLE_NAMES = {0: "nearest", 2: "bilinear", 3: "bicubic", 1: "lanczos"}
 _INTERPOLATION = {
     "nearest": v2.InterpolationMode.NEAREST,
@@ -34,6 +35,7 @@ class PreprocessConfig:
     std: tuple[float, float, float]
     crop_pct: float = 1.0
     interpolation: str = "bicubic"
+    equalize: bool = False  # histogram-equalise before resizing (a training choice, saved in the model config)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -74,8 +76,10 @@ def _size_value(size: Any, key: str) -> int | None:
     return int(value) if value else None
 
 
-def preprocess_config_from_processor(processor: Any) -> PreprocessConfig:
-    """Read size/mean/std from a timm-wrapper or a transformers image processor."""
+def preprocess_config_from_processor(processor: Any, model_config: Any = None) -> PreprocessConfig:
+    """Read size/mean/std from a timm-wrapper or a transformers image processor (and our
+    equalisation flag from the model config, where training saved it)."""
+    equalize = bool(getattr(model_config, EQUALIZE_KEY, False))
     data_config = getattr(processor, "data_config", None)
     if data_config is not None:  # TimmWrapperImageProcessor
         return PreprocessConfig(
@@ -84,6 +88,7 @@ def preprocess_config_from_processor(processor: Any) -> PreprocessConfig:
             std=tuple(float(v) for v in data_config["std"]),
             crop_pct=float(data_config.get("crop_pct") or 1.0),
             interpolation=str(data_config.get("interpolation") or "bicubic"),
+            equalize=equalize,
         )
     size, crop_size = getattr(processor, "size", None), getattr(processor, "crop_size", None)
     crop = _size_value(crop_size, "height") if getattr(processor, "do_center_crop", False) else None
@@ -105,6 +110,7 @@ def preprocess_config_from_processor(processor: Any) -> PreprocessConfig:
         std=tuple(float(v) for v in processor.image_std),
         crop_pct=crop_pct,
         interpolation=_PIL_RESAMPLE_NAMES.get(int(resample), "bicubic") if resample is not None else "bicubic",
+        equalize=equalize,
     )
 
 
@@ -112,11 +118,17 @@ def _to_normalised_tensor(cfg: PreprocessConfig) -> list[Callable]:
     return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(cfg.mean), list(cfg.std))]
 
 
+def _equalize(cfg: PreprocessConfig) -> list[Callable]:
+    # Spreads each radiograph's grey levels over the full range: exposure differs a lot between sources.
+    return [ImageOps.equalize] if cfg.equalize else []
+
+
 def eval_transform(cfg: PreprocessConfig) -> v2.Compose:
     resize = int(round(cfg.image_size / cfg.crop_pct))
     interpolation = _INTERPOLATION[cfg.interpolation]
     return v2.Compose(
-        [v2.Resize(resize, interpolation=interpolation, antialias=True), v2.CenterCrop(cfg.image_size)]
+        _equalize(cfg)
+        + [v2.Resize(resize, interpolation=interpolation, antialias=True), v2.CenterCrop(cfg.image_size)]
         + _to_normalised_tensor(cfg)
     )
 
@@ -124,7 +136,8 @@ def eval_transform(cfg: PreprocessConfig) -> v2.Compose:
 def train_transform(cfg: PreprocessConfig, aug: AugmentConfig = AugmentConfig()) -> v2.Compose:
     interpolation = _INTERPOLATION[cfg.interpolation]
     return v2.Compose(
-        [
+        _equalize(cfg)
+        + [
             v2.RandomResizedCrop(cfg.image_size, scale=(aug.min_crop_scale, 1.0), interpolation=interpolation, antialias=True),
             v2.RandomHorizontalFlip(aug.hflip),
         ]

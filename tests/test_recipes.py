@@ -1,4 +1,5 @@
-"""Recipe options of issue #6 (mixing, layer decay, precision, dedup, TTA) and the experiment runner."""
+"""Recipe options of issue #6 (mixing, layer decay, precision, dedup, TTA, EMA, balanced sampling,
+equalisation) and the experiment runner."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 
 from bonebreak import experiments
 from bonebreak.models import create_model
-from bonebreak.training import BatchMixer, TrainArguments, layer_decay_groups, make_loss, resolve_precision
+from bonebreak.training import BatchMixer, TrainArguments, WeightEMA, layer_decay_groups, make_loss, resolve_precision
 from bonebreak.transforms import AugmentConfig, PreprocessConfig, train_transform
 from conftest import synthetic_xray
 
@@ -113,3 +114,52 @@ def test_runner_trains_records_and_tabulates(handful, tmp_path):
     assert record["commit"] and record["wall_seconds"] > 0
     table = (tmp_path / "table.md").read_text()
     assert "| mixup | `--mixup 0.5` |" in table and "do not edit by hand" in table
+
+
+def test_weight_ema_averages_and_swaps_around_evaluation():
+    model = torch.nn.Linear(2, 1, bias=False)
+    ema = WeightEMA(decay=0.5)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    ema.on_step_end(None, None, None, model=model)  # first step: the average starts at the weights
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema.on_step_end(None, None, None, model=model)  # 2nd update, warm-up decay min(0.5, 3/12): 0 -> 0.75
+    ema.on_epoch_end(None, None, None, model=model)
+    assert torch.allclose(model.weight, torch.full((1, 2), 0.75))  # evaluated and saved: the average
+    ema.on_epoch_begin(None, None, None, model=model)
+    assert torch.allclose(model.weight, torch.ones(1, 2))  # training continues from the raw weights
+    with pytest.raises(ValueError, match="--ema"):
+        TrainArguments(ema=1.5)
+    with pytest.raises(ValueError, match="--save_every_steps"):
+        TrainArguments(ema=0.99, save_every_steps=10)
+
+
+def test_equalisation_is_trained_saved_and_used_at_inference(handful, tiny_vit, tmp_path):
+    from bonebreak.inference import Predictor
+    from bonebreak.training import build_trainer, main, prepare_data
+    from bonebreak.transforms import eval_transform
+
+    dark = synthetic_xray(3).point(lambda v: v // 4)  # an under-exposed film
+    plain = PreprocessConfig(image_size=64, mean=(0.5,) * 3, std=(0.5,) * 3)
+    equalised = PreprocessConfig(image_size=64, mean=(0.5,) * 3, std=(0.5,) * 3, equalize=True)
+    assert eval_transform(equalised)(dark).max() > eval_transform(plain)(dark).max() + 0.5  # grey levels spread out
+
+    out = tmp_path / "run"
+    main(["--data_dir", str(handful), "--model", str(tiny_vit), "--epochs", "1", "--batch_size", "8", "--output_dir", str(out),
+          "--num_workers", "0", "--equalize", "--ema", "0.9", "--balanced_sampling", "--class_weighted_loss", "false", "--export_onnx", "false"])
+    predictor = Predictor.from_checkpoint(out, device="cpu")
+    assert predictor.preprocess.equalize and predictor.backend == "torch"
+
+    # Balanced sampling: with one class 4x over-represented, draws come out near-uniform.
+    args = TrainArguments(data_dir=str(handful), balanced_sampling=True, output_dir=str(tmp_path / "sampler"))
+    data = prepare_data(args)
+    train = data.splits["train"]
+    keep = [i for i, label in enumerate(train["label"]) if label != 0] + [i for i, label in enumerate(train["label"]) if label == 0] * 4
+    data.splits["train"] = train.select(keep)
+    model, processor = create_model(str(tiny_vit), data.labels)
+    trainer = build_trainer(args, data, model, processor)
+    drawn = torch.tensor(list(trainer._get_train_sampler()))
+    labels = torch.tensor(trainer.train_dataset.labels)[drawn]
+    share_of_first = float((labels == 0).float().mean())
+    assert share_of_first < 2.5 / len(data.labels)  # unbalanced it would be 4x the share of any other class

@@ -148,7 +148,7 @@ def training_section(data_dir: str, warmup: int, steps: int) -> dict:
 # --- inference ---------------------------------------------------------------------------
 
 
-def inference_section(model_path: str, files: list[str], rounds: int = 3) -> dict:
+def inference_section(model_path: str, files: list[str], rounds: int = 5) -> dict:
     if not (Path(model_path) / ONNX_FILE).is_file():
         export_onnx(model_path)
     eager = Predictor.from_checkpoint(model_path, device="cpu", backend="torch")
@@ -162,23 +162,31 @@ def inference_section(model_path: str, files: list[str], rounds: int = 3) -> dic
             eager.model(pixel_values=x)
 
     timings: dict[str, list[float]] = {}
+    per_round: list[dict[str, float]] = []
     for _ in range(rounds):  # interleaved rounds, so a change in machine load hits every path alike
+        medians = {}
         for name, fn, inputs in [("bare_forward_torch", bare_torch, pixels), ("bare_forward_onnx", onnx.onnx, pixels),
                                  ("predict_torch", eager.predict, files), ("predict_onnx", onnx.predict, files),
                                  ("predict_onnx_with_xray_check", with_xray.predict, files)]:
-            timings.setdefault(name, []).extend(time_calls(fn, inputs))
-    bare_eager, bare_onnx, predict_eager, predict_onnx = (timings[k] for k in ("bare_forward_torch", "bare_forward_onnx", "predict_torch", "predict_onnx"))
-    p50 = lambda seconds: float(np.median(seconds))  # noqa: E731
+            seconds = time_calls(fn, inputs)
+            timings.setdefault(name, []).extend(seconds)
+            medians[name] = float(np.median(seconds))
+        per_round.append(medians)
+
+    def ratio(numerator: str, denominator: str) -> dict[str, float]:
+        """Median over rounds of the per-round ratio of medians, with the range seen."""
+        values = [r[numerator] / r[denominator] for r in per_round]
+        return {"median": round(float(np.median(values)), 2), "min": round(min(values), 2), "max": round(max(values), 2)}
     return {
         "images": len(files),
         "threads": torch.get_num_threads(),
         "rounds": rounds,
         "latency": {name: percentiles_ms(s) for name, s in timings.items()},
-        "onnx_vs_torch_forward_speedup": round(p50(bare_eager) / p50(bare_onnx), 2),
+        "onnx_vs_torch_forward_speedup": ratio("bare_forward_torch", "bare_forward_onnx"),
         "predict_vs_bare_forward": {
-            "torch": round(p50(predict_eager) / p50(bare_eager), 2),
-            "onnx": round(p50(predict_onnx) / p50(bare_onnx), 2),
-            "onnx_predict_vs_bare_torch_forward": round(p50(predict_onnx) / p50(bare_eager), 2),
+            "torch": ratio("predict_torch", "bare_forward_torch"),
+            "onnx": ratio("predict_onnx", "bare_forward_onnx"),
+            "onnx_predict_vs_bare_torch_forward": ratio("predict_onnx", "bare_forward_torch"),
         },
     }
 

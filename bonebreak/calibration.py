@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import HfArgumentParser
 
@@ -99,17 +100,24 @@ class ImageEmbedder:
     photos from X-rays with AUROC 0.95, generic ImageNet features with 1.00.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, onnx: bool = False) -> None:
         from .models import imagenet_embedder
 
         self.model, self.transform = imagenet_embedder()
+        self.features = None  # PyTorch forward
+        if onnx:  # about 4x faster per image on a 2-core CPU; the exported graph is checked against PyTorch
+            from .export import onnx_features
+
+            size = int(self.transform(Image.new("RGB", (8, 8))).shape[-1])
+            self.features = onnx_features(self.model, size)
 
     def __call__(self, images: Sequence[Any], batch_size: int = 32) -> np.ndarray:
         from .images import load_image
         from .models import embed_pixels
 
         chunks = [
-            embed_pixels(self.model, torch.stack([self.transform(load_image(image)) for image in images[start : start + batch_size]]))
+            embed_pixels(self.model, torch.stack([self.transform(load_image(image)) for image in images[start : start + batch_size]]),
+                         self.features)
             for start in range(0, len(images), batch_size)
         ]
         return np.concatenate(chunks) if chunks else np.zeros((0, 1280), dtype=np.float32)

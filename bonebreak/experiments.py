@@ -5,7 +5,8 @@ on the grouped train split, selects the epoch on grouped validation, evaluates o
 clean Test (published Test minus images with a near-copy in Train) and published Test (leaks),
 each with and without flip test-time augmentation, and appends one JSON record to
 ``benchmarks/results/``. ``--cv 5`` runs grouped 5-fold CV of the recipe instead.
-``python -m bonebreak.experiments --table`` regenerates ``docs/experiments.md`` from every record.
+``--ensemble DIR DIR ...`` evaluates the mean of several trained checkpoints (e.g. CV fold models) and
+its latency cost. ``python -m bonebreak.experiments --table`` regenerates ``docs/experiments.md``.
 
 Selection rule: recipes are compared on validation macro-F1 only; Test is never used to pick.
 """
@@ -22,10 +23,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import HfArgumentParser
 
-from .evaluate import evaluate_split
+from .evaluate import evaluate_split, image_paths
 from .inference import Predictor
 from .metrics import TOP_K
 from .training import TrainArguments, prepare_data, resolve_precision, run_cv, run_training
@@ -71,13 +73,20 @@ class ExperimentArguments:
     table_path: str = field(default="docs/experiments.md", metadata={"help": "Markdown table written after every run."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Train on the first N shuffled images (smoke tests)."})
     epochs: float | None = field(default=None, metadata={"help": "Override every recipe's epochs (smoke tests)."})
+    ensemble: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Instead of training, evaluate the mean of these checkpoints' probabilities (e.g. runs/cv5/fold*)."},
+    )
+    name: str | None = field(default=None, metadata={"help": "Name of the --ensemble record (default: ensemble)."})
 
     def __post_init__(self) -> None:
         unknown = [name for name in self.recipes if name not in RECIPES]
         if unknown:
             raise ValueError(f"unknown recipe(s) {', '.join(unknown)}; --recipes takes: {', '.join(RECIPES)}")
-        if not self.recipes and not self.table:
-            raise ValueError("name at least one recipe with --recipes, or pass --table")
+        if not self.recipes and not self.table and not self.ensemble:
+            raise ValueError("name at least one recipe with --recipes, checkpoints with --ensemble, or pass --table")
+        if len(self.ensemble) == 1:
+            raise ValueError("--ensemble needs at least 2 checkpoint folders")
         if self.cv == 1 or self.cv < 0:
             raise ValueError(f"--cv must be 0 (off) or >= 2, got {self.cv}")
 
@@ -116,6 +125,51 @@ def evaluate_run(output_dir: str, data: Any) -> dict[str, dict[str, Any]]:
             metrics, _, _ = evaluate_split(predictor, data.splits[split], data.labels)
             result[f"{split}_tta"] = scores(metrics)
     return result
+
+
+class Ensemble:
+    """Mean of the calibrated probabilities of several checkpoints (e.g. the fold models of a CV run)."""
+
+    def __init__(self, folders: list[str]) -> None:
+        self.members = [Predictor.from_checkpoint(folder, device="cpu", backend="auto") for folder in folders]
+        self.labels = self.members[0].labels
+        if any(member.labels != self.labels for member in self.members):
+            raise ValueError(f"--ensemble members must share one label list: {folders}")
+
+    def probabilities(self, images: list[Any], batch_size: int = 16) -> np.ndarray:
+        return np.mean([member.probabilities(images, batch_size) for member in self.members], axis=0)
+
+
+def latency_ms(predictor: Any, images: list[str]) -> float:
+    """Median seconds per single-image ``probabilities`` call, in ms (decode included)."""
+    predictor.probabilities(images[:1])
+    seconds = []
+    for image in images:
+        started = time.perf_counter()
+        predictor.probabilities([image])
+        seconds.append(time.perf_counter() - started)
+    return round(float(np.median(seconds)) * 1e3, 1)
+
+
+def run_ensemble(exp: ExperimentArguments) -> dict[str, Any]:
+    """Evaluate an ensemble of trained checkpoints on clean Test and published Test, with its latency cost.
+
+    Fold models of a CV run have each seen 4/5 of Train, validation included, so there is no
+    held-out split left to select with: ensembles are reported, never chosen on Test.
+    """
+    data = prepare_data(TrainArguments(data_dir=exp.data_dir))
+    ensemble = Ensemble(exp.ensemble)
+    record: dict[str, Any] = {"recipe": exp.name or "ensemble", "kind": "ensemble", "members": exp.ensemble, "seed": exp.seed,
+                              "commit": git_commit(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    started = time.perf_counter()
+    for split in ("clean_test", "test"):
+        if split in data.splits:
+            record[split] = scores(evaluate_split(ensemble, data.splits[split], data.labels)[0])
+            record[f"{split}_single_members"] = [scores(evaluate_split(m, data.splits[split], data.labels)[0]) for m in ensemble.members]
+    sample = image_paths(data.splits["validation"])[:20]
+    record["latency_ms_per_image"] = {"ensemble": latency_ms(ensemble, sample), "one_member": latency_ms(ensemble.members[0], sample)}
+    record["wall_seconds"] = round(time.perf_counter() - started, 1)
+    return record
 
 
 def run_recipe(name: str, exp: ExperimentArguments) -> dict[str, Any]:
@@ -174,7 +228,8 @@ def render_table(records: list[dict[str, Any]]) -> str:
         "validation. Rows are sorted by validation macro-F1, the only number used to choose a recipe. clean Test (108 images) is",
         "the published Test minus the 32 images with a near-copy in Train; published Test itself leaks and is shown only for",
         "comparison with other work. Brackets are 95% bootstrap intervals: with 108-147 images, differences under about 0.05",
-        "are within noise, and every row is a single seed.",
+        "are within noise, and every row is a single seed (compare the baseline rows of different seeds for run-to-run spread).",
+        "\"train min\" is wall-clock time on a shared 2-core machine, other jobs included: use `benchmarks/speed.py` for speed.",
         "",
         "| recipe | options | val macro-F1 | val acc | clean-Test acc | clean-Test macro-F1 | clean-Test top-3 | "
         "+flip TTA clean acc / F1 | published Test acc (leaks) | epochs | train min | precision | commit |",
@@ -182,6 +237,8 @@ def render_table(records: list[dict[str, Any]]) -> str:
     ]
     for r in split_runs:
         options = " ".join(f"--{k} {v}" for k, v in r["overrides"].items()) or "(shipped recipe)"
+        if r["seed"] != 42:
+            options += f" --seed {r['seed']}"
         tta = r.get("clean_test_tta")
         tta_cell = f"{tta['accuracy']:.3f} / {tta['macro_f1']:.3f}" if tta else "-"
         lines.append(
@@ -191,6 +248,21 @@ def render_table(records: list[dict[str, Any]]) -> str:
             f"{tta_cell} | {_cell(r.get('test'), 'accuracy', False)} | "
             f"{r['epochs_run']:.0f} | {r['train_seconds'] / 60:.1f} | {r['machine']['precision']} | {r['commit']} |"
         )
+    ensembles = [r for r in records if r["kind"] == "ensemble"]
+    if ensembles:
+        lines += ["", "## Ensembles (mean of the members' calibrated probabilities)", "",
+                  "Reported, never selected: fold models have each seen 4/5 of Train, validation included, so no held-out split is",
+                  "left to choose with. Latency is the median of single-image calls on this machine, decoding included.", "",
+                  "| ensemble | members | clean-Test acc | clean-Test macro-F1 | clean-Test top-3 | members' clean-Test acc | "
+                  "published Test acc (leaks) | ms/image (one member) | commit |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in ensembles:
+            members = ", ".join(f"{m['accuracy']:.3f}" for m in r.get("clean_test_single_members", []))
+            latency = r["latency_ms_per_image"]
+            lines.append(
+                f"| {r['recipe']} | {len(r['members'])} | {_cell(r.get('clean_test'), 'accuracy')} | {_cell(r.get('clean_test'), 'macro_f1')} | "
+                f"{_cell(r.get('clean_test'), f'top{TOP_K}_accuracy')} | {members} | {_cell(r.get('test'), 'accuracy', False)} | "
+                f"{latency['ensemble']:.0f} ({latency['one_member']:.0f}) | {r['commit']} |"
+            )
     cv_runs = [r for r in records if r["kind"].startswith("cv")]
     if cv_runs:
         lines += ["", "## Grouped cross-validation over Train (mean +- std over folds)", "",
@@ -215,6 +287,10 @@ def main(argv: list[str] | None = None) -> None:
     for name in exp.recipes:
         logger.info("experiment %s (seed %d)", name, exp.seed)
         path = save_record(run_recipe(name, exp), exp.results_dir)
+        logger.info("record written to %s", path)
+        write_table(exp)
+    if exp.ensemble:
+        path = save_record(run_ensemble(exp), exp.results_dir)
         logger.info("record written to %s", path)
         write_table(exp)
     if exp.table:

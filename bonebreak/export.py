@@ -9,6 +9,7 @@ came from: a checkpoint retrained after export is detected and not served stale.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 import sys
@@ -61,9 +62,12 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 
 class OnnxForward:
-    """An ONNX Runtime CPU session that maps a pixel batch to logits, like the PyTorch model."""
+    """An ONNX Runtime CPU session that maps a pixel batch to its one output, like the PyTorch model.
 
-    def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
+    ``source`` is a file or, for graphs exported on the fly, the serialised model bytes.
+    """
+
+    def __init__(self, source: str | os.PathLike | bytes, threads: int | None = None) -> None:
         try:
             import onnxruntime as ort
         except ImportError as error:
@@ -75,13 +79,40 @@ class OnnxForward:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             options.intra_op_num_threads = threads
-        self.path = Path(path)
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        model = source if isinstance(source, bytes) else str(source)
+        self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        (logits,) = self.session.run(["logits"], {"pixel_values": pixels.detach().cpu().float().numpy()})
-        return torch.from_numpy(logits)
+        (output,) = self.session.run(None, {"pixel_values": pixels.detach().cpu().float().numpy()})
+        return torch.from_numpy(output)
+
+
+def _export(module: torch.nn.Module, target: str | os.PathLike | io.BytesIO, size: int, output: str, opset: int = DEFAULT_OPSET) -> None:
+    torch.onnx.export(
+        module.eval(), (torch.zeros(1, 3, size, size),), target if isinstance(target, io.BytesIO) else str(target),
+        input_names=["pixel_values"], output_names=[output], dynamic_axes={"pixel_values": {0: "batch"}, output: {0: "batch"}},
+        opset_version=opset,
+        dynamo=False,  # the TorchScript exporter needs no onnxscript and handles timm and transformers models
+    )
+
+
+def onnx_features(model: torch.nn.Module, size: int, tolerance: float = DEFAULT_TOLERANCE) -> OnnxForward | None:
+    """The pooled-feature extractor of a timm-backed model on ONNX Runtime, exported in memory
+    (about a second), or None when it disagrees with PyTorch by more than ``tolerance``."""
+    from .models import PooledFeatures
+
+    features = PooledFeatures(model).eval()
+    buffer = io.BytesIO()
+    _export(features, buffer, size, "features")
+    runner = OnnxForward(buffer.getvalue())
+    probe = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        difference = float((runner(probe) - features(probe)).abs().max())
+    if difference > tolerance:
+        logger.warning("ONNX features differ from PyTorch by %.1e: keeping PyTorch for them", difference)
+        return None
+    return runner
 
 
 def load_onnx(checkpoint: str | os.PathLike) -> OnnxForward:
@@ -124,11 +155,7 @@ def export_onnx(checkpoint: str | os.PathLike, output: str | os.PathLike | None 
     model, processor = load_checkpoint(checkpoint)
     size = preprocess_config_from_processor(processor).image_size
     try:
-        torch.onnx.export(
-            _LogitsOnly(model).eval(), (torch.zeros(1, 3, size, size),), str(partial), input_names=["pixel_values"],
-            output_names=["logits"], dynamic_axes={"pixel_values": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset,
-            dynamo=False,  # the TorchScript exporter needs no onnxscript and handles timm and transformers models
-        )
+        _export(_LogitsOnly(model), partial, size, "logits", opset)
         graph = onnx.load(str(partial))
         onnx.helper.set_model_props(graph, {WEIGHTS_HASH_KEY: weights_sha256(checkpoint), "source": checkpoint.name})
         onnx.save(graph, str(partial))

@@ -146,7 +146,7 @@ class Predictor:
         if self.ood is None:
             return None
         if self.embedder is None:
-            self.embedder = ImageEmbedder()
+            self.embedder = ImageEmbedder(onnx=self.onnx is not None)
         return self.ood.scores(self.embedder([self.load(image) for image in images]))
 
     def predictions(self, images: Sequence[ImageSource], batch_size: int = 16) -> list[Prediction]:

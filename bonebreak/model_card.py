@@ -142,6 +142,15 @@ Intervals are 95% percentile-bootstrap intervals over the evaluated images. {LEA
   with {summary["world_size"]} process(es), mixed precision: {summary["mixed_precision"]}.
 - Arguments: `{json.dumps({k: v for k, v in summary["arguments"].items() if v is not None})}`
 
+## Files and inference
+
+- `model.safetensors` + `config.json`: the PyTorch weights (transformers `AutoModelForImageClassification`).
+- `model.onnx`: the same network for ONNX Runtime (dynamic batch), checked against PyTorch to within
+  1e-4 in every probability and stamped with the SHA-256 of the weights it came from. The BoneBreak app
+  and `python -m bonebreak.predict` run it on CPU by default (`--backend auto`); re-create it with
+  `python -m bonebreak.export --onnx --model_path <this folder>`.
+- How the recipe was chosen, and what the other ideas measured: `docs/experiments.md` in the BoneBreak repository.
+
 ## Intended use and limitations
 
 - Intended for research and teaching about fracture-type classification and honest evaluation.

@@ -144,14 +144,29 @@ def imagenet_embedder() -> tuple[TimmWrapperForImageClassification, Any]:
     return model, eval_transform(replace(preprocess_config_from_processor(processor), crop_pct=1.0))
 
 
-def embed_pixels(model: TimmWrapperForImageClassification, pixels: torch.Tensor) -> np.ndarray:
-    """L2-normalised pooled 1280-d features; averaging with the mirror image makes a flipped copy embed alike."""
+class PooledFeatures(torch.nn.Module):
+    """A timm-backed classifier's pooled pre-logit features (1280-d for EfficientNet-Lite0)."""
+
+    def __init__(self, model: TimmWrapperForImageClassification) -> None:
+        super().__init__()
+        self.timm_model = model.timm_model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.timm_model.forward_head(self.timm_model.forward_features(pixel_values), pre_logits=True)
+
+
+def embed_pixels(
+    model: TimmWrapperForImageClassification, pixels: torch.Tensor, features: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> np.ndarray:
+    """L2-normalised pooled features; averaging with the mirror image makes a flipped copy embed alike.
+
+    ``features`` replaces the PyTorch forward (the X-ray check passes an ONNX Runtime one).
+    """
     with torch.inference_mode():
-        timm_model = model.timm_model
         both = torch.cat([pixels, torch.flip(pixels, dims=[3])])
-        pooled = timm_model.forward_head(timm_model.forward_features(both), pre_logits=True)
-        features = pooled[: len(pixels)] + pooled[len(pixels) :]
-        return torch.nn.functional.normalize(features, dim=1).numpy()
+        pooled = (features or PooledFeatures(model))(both)
+        features_sum = pooled[: len(pixels)] + pooled[len(pixels) :]
+        return torch.nn.functional.normalize(features_sum, dim=1).numpy()
 
 
 # --- Any Hub id or local folder ---------------------------------------------------------------

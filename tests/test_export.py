@@ -118,3 +118,12 @@ def test_a_damaged_onnx_file_is_named_not_a_crash(exported, tmp_path):
     with pytest.raises(ValueError, match="cannot be loaded"):
         Predictor.from_checkpoint(damaged, device="cpu", backend="onnx", calibrated=False)
     assert Predictor.from_checkpoint(damaged, device="cpu", backend="auto", calibrated=False).backend == "torch"
+
+
+def test_xray_check_runs_on_onnx_runtime_with_the_same_scores(real_data):
+    files = real_images(real_data, 6)
+    eager = Predictor.from_checkpoint(SHIPPED_MODEL, device="cpu", backend="torch")
+    onnx = Predictor.from_checkpoint(SHIPPED_MODEL, device="cpu", backend="onnx")
+    torch_scores, onnx_scores = eager.ood_scores(files), onnx.ood_scores(files)
+    assert onnx.embedder.features is not None and eager.embedder.features is None
+    assert np.abs(torch_scores - onnx_scores).max() <= 1e-4

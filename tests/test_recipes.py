@@ -163,3 +163,16 @@ def test_equalisation_is_trained_saved_and_used_at_inference(handful, tiny_vit, 
     labels = torch.tensor(trainer.train_dataset.labels)[drawn]
     share_of_first = float((labels == 0).float().mean())
     assert share_of_first < 2.5 / len(data.labels)  # unbalanced it would be 4x the share of any other class
+
+
+def test_ensemble_record_averages_members_and_costs_their_latency(handful, trained_vit, tmp_path):
+    experiments.main(["--ensemble", str(trained_vit), str(trained_vit), "--name", "twins", "--data_dir", str(handful),
+                      "--results_dir", str(tmp_path / "results"), "--table_path", str(tmp_path / "table.md")])
+    (path,) = (tmp_path / "results").glob("*.json")
+    record = json.loads(path.read_text())
+    assert record["kind"] == "ensemble" and len(record["members"]) == 2
+    assert record["test"]["accuracy"] == record["test_single_members"][0]["accuracy"]  # two identical members
+    assert record["latency_ms_per_image"]["ensemble"] > 0
+    assert "| twins | 2 |" in (tmp_path / "table.md").read_text()
+    with pytest.raises(ValueError, match="at least 2"):
+        experiments.ExperimentArguments(ensemble=[str(trained_vit)])

@@ -19,7 +19,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import datasets
 from PIL import Image
@@ -190,16 +190,20 @@ class DecodedImages:
     DataLoader share the decoded pixels copy-on-write. Trainer accepts it as a map-style dataset.
     """
 
-    def __init__(self, split: datasets.Dataset, transform: Callable[[Image.Image], Any], desc: str = "Decoding images") -> None:
+    def __init__(self, split: datasets.Dataset, transform: Callable[[Image.Image], Any], targets: Sequence[Any] | None = None,
+                 desc: str = "Decoding images") -> None:
         self.images = [to_rgb(row["image"]) for row in tqdm(split, desc=desc, unit="img", leave=False)]
-        self.labels = list(split["label"])
+        self.labels = list(split["label"])  # class indices, also when training targets are soft
+        self.targets = list(targets) if targets is not None else self.labels
+        if len(self.targets) != len(self.images):
+            raise ValueError(f"{len(self.targets)} training targets for {len(self.images)} images")
         self.transform = transform
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return {"pixel_values": self.transform(self.images[index]), "labels": self.labels[index]}
+        return {"pixel_values": self.transform(self.images[index]), "labels": self.targets[index]}
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, str]:

@@ -28,7 +28,7 @@ import torch
 from transformers import HfArgumentParser
 
 from .evaluate import evaluate_split, image_paths
-from .inference import Predictor
+from .inference import Ensemble, Predictor
 from .metrics import TOP_K
 from .training import TrainArguments, prepare_data, resolve_precision, run_cv, run_training
 
@@ -54,6 +54,9 @@ RECIPES: dict[str, dict[str, Any]] = {
     "balanced_sampler": {"balanced_sampling": True, "class_weighted_loss": False},
     "ema": {"ema": 0.99},
     "equalize": {"equalize": True},
+    # Teachers: the three best runs by validation macro-F1 when this was added (long, baseline, lite1), all trained on
+    # the grouped train split only, so neither validation nor Test leaks through their probabilities.
+    "distill": {"distill_from": [f"runs/experiments/{name}-seed42" for name in ("long", "baseline", "lite1")], "distill_weight": 0.5},
     "lr1e-3": {"learning_rate": 1e-3},
     "lr2e-4": {"learning_rate": 2e-4},
 }
@@ -125,19 +128,6 @@ def evaluate_run(output_dir: str, data: Any) -> dict[str, dict[str, Any]]:
             metrics, _, _ = evaluate_split(predictor, data.splits[split], data.labels)
             result[f"{split}_tta"] = scores(metrics)
     return result
-
-
-class Ensemble:
-    """Mean of the calibrated probabilities of several checkpoints (e.g. the fold models of a CV run)."""
-
-    def __init__(self, folders: list[str]) -> None:
-        self.members = [Predictor.from_checkpoint(folder, device="cpu", backend="auto") for folder in folders]
-        self.labels = self.members[0].labels
-        if any(member.labels != self.labels for member in self.members):
-            raise ValueError(f"--ensemble members must share one label list: {folders}")
-
-    def probabilities(self, images: list[Any], batch_size: int = 16) -> np.ndarray:
-        return np.mean([member.probabilities(images, batch_size) for member in self.members], axis=0)
 
 
 def latency_ms(predictor: Any, images: list[str]) -> float:
@@ -236,7 +226,8 @@ def render_table(records: list[dict[str, Any]]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in split_runs:
-        options = " ".join(f"--{k} {v}" for k, v in r["overrides"].items()) or "(shipped recipe)"
+        options = " ".join(f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in r["overrides"].items())
+        options = options or "(shipped recipe)"
         if r["seed"] != 42:
             options += f" --seed {r['seed']}"
         tta = r.get("clean_test_tta")

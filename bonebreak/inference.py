@@ -197,6 +197,21 @@ class Predictor:
         return Image.fromarray(view_rgb), cam.cpu().numpy()
 
 
+class Ensemble:
+    """Mean of the calibrated probabilities of several checkpoints (fold models, distillation teachers)."""
+
+    def __init__(self, folders: Sequence[str | os.PathLike], device: str | None = "cpu") -> None:
+        if not folders:
+            raise ValueError("an ensemble needs at least one checkpoint folder")
+        self.members = [Predictor.from_checkpoint(folder, device=device, backend="auto") for folder in folders]
+        self.labels = self.members[0].labels
+        if any(member.labels != self.labels for member in self.members):
+            raise ValueError(f"ensemble members must share one label list: {[str(f) for f in folders]}")
+
+    def probabilities(self, images: Sequence[ImageSource], batch_size: int = 16) -> np.ndarray:
+        return np.mean([member.probabilities(images, batch_size) for member in self.members], axis=0)
+
+
 def onnx_forward(path: str | os.PathLike, backend: str, device: str | None) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """The ONNX Runtime forward for ``backend`` ("auto" falls back to torch with the reason logged)."""
     from .export import OnnxUnavailable, load_onnx

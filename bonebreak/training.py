@@ -30,7 +30,7 @@ from . import model_card
 from .calibration import OOD_FILE, OODDetector, calibrate_predictor
 from .evaluate import image_paths, ood_check, run_evaluation
 from .export import export_onnx
-from .inference import Predictor
+from .inference import Ensemble, Predictor
 from .metrics import classification_metrics, headline
 from .models import create_model, save_checkpoint
 from .plots import plot_training_curves
@@ -86,6 +86,12 @@ class TrainArguments:
         metadata={"help": "Evaluate and keep an exponential moving average of the weights with this decay (e.g. 0.99); 0 disables. "
                   "Needs epoch-end evaluation (no --save_every_steps); a resumed run restarts the average."},
     )
+    distill_from: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Teacher checkpoint folders: train on (1 - w) x the true label + w x their mean probabilities "
+                  "(knowledge distillation). Teachers must not have trained on this run's validation or test images."},
+    )
+    distill_weight: float = field(default=0.5, metadata={"help": "w above: the teachers' share of each training target."})
     equalize: bool = field(
         default=False,
         metadata={"help": "Histogram-equalise every radiograph before resizing, in training and (saved in the checkpoint) at inference."},
@@ -157,10 +163,15 @@ class TrainArguments:
             "--precision": self.precision in PRECISIONS,
             "--augment": self.augment in AUGMENT_POLICIES,
             "--ema": self.ema == 0 or 0 < self.ema < 1,
+            "--distill_weight": 0 <= self.distill_weight <= 1,
         }
         bad = [flag for flag, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"invalid value for {', '.join(bad)}; see `python train.py --help`")
+        if self.distill_from and self.mixup:
+            raise ValueError("--distill_from and --mixup both make soft targets: use one of them")
+        if self.distill_from and not self.cache_images:
+            raise ValueError("--distill_from keeps the teachers' targets with the decoded images: drop --cache_images False")
         if self.ema and self.save_every_steps:
             raise ValueError("--ema averages weights between epoch-end evaluations: drop --save_every_steps or --ema")
         if self.resume and self.overwrite:
@@ -418,15 +429,29 @@ class BoneBreakTrainer(Trainer):
         return self.optimizer
 
 
-def model_inputs(split: datasets.Dataset, transform: Any, cache: bool) -> Any:
-    """The split as Trainer inputs, decoded once into memory or on every read."""
-    return DecodedImages(split, transform) if cache else split.with_transform(batch_transform(transform))
+def model_inputs(split: datasets.Dataset, transform: Any, cache: bool, targets: np.ndarray | None = None) -> Any:
+    """The split as Trainer inputs, decoded once into memory or on every read (``targets``: soft labels)."""
+    return DecodedImages(split, transform, targets) if cache else split.with_transform(batch_transform(transform))
+
+
+def distillation_targets(split: datasets.Dataset, labels: list[str], teachers: list[str], weight: float) -> np.ndarray:
+    """(1 - weight) x one-hot true label + weight x the teachers' mean calibrated probabilities."""
+    from .evaluate import label_index_map
+
+    ensemble = Ensemble(teachers)
+    if sorted(ensemble.labels) != sorted(labels):
+        raise ValueError(f"--distill_from teachers know {ensemble.labels}, the data has {labels}")
+    logger.info("distillation: %d teacher(s) label %d training images", len(teachers), len(split))
+    teacher = ensemble.probabilities(image_paths(split))[:, label_index_map(labels, ensemble.labels)]  # to the data's label order
+    onehot = np.eye(len(labels), dtype=np.float32)[np.asarray(split["label"])]
+    return ((1 - weight) * onehot + weight * teacher).astype(np.float32)
 
 
 def build_trainer(args: TrainArguments, data: LoadedData, model: Any, processor: Any) -> Trainer:
     model.config.update({EQUALIZE_KEY: args.equalize})  # saved with the weights, so inference equalises too
     preprocess = preprocess_config_from_processor(processor, model.config)
-    train = model_inputs(data.splits["train"], train_transform(preprocess, AugmentConfig(policy=args.augment)), args.cache_images)
+    targets = distillation_targets(data.splits["train"], data.labels, args.distill_from, args.distill_weight) if args.distill_from else None
+    train = model_inputs(data.splits["train"], train_transform(preprocess, AugmentConfig(policy=args.augment)), args.cache_images, targets)
     validation = model_inputs(data.splits["validation"], eval_transform(preprocess), args.cache_images)
     weights = class_weights(data.splits["train"]["label"], len(data.labels)) if args.class_weighted_loss else None
     callbacks = [EarlyStoppingCallback(args.early_stopping_patience)] if args.early_stopping_patience else []

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torchvision.transforms import v2
@@ -169,7 +170,9 @@ def pixel_values(images: Sequence[Image.Image], cfg: PreprocessConfig) -> torch.
 
 
 def collate(examples: list[dict]) -> dict[str, torch.Tensor]:
+    labels = [e["labels"] for e in examples]
+    soft = not isinstance(labels[0], int)  # class probabilities (distillation) instead of a class index
     return {
         "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
-        "labels": torch.tensor([e["labels"] for e in examples], dtype=torch.long),
+        "labels": torch.as_tensor(np.stack(labels), dtype=torch.float32) if soft else torch.tensor(labels, dtype=torch.long),
     }

@@ -176,3 +176,23 @@ def test_ensemble_record_averages_members_and_costs_their_latency(handful, train
     assert "| twins | 2 |" in (tmp_path / "table.md").read_text()
     with pytest.raises(ValueError, match="at least 2"):
         experiments.ExperimentArguments(ensemble=[str(trained_vit)])
+
+
+def test_distillation_mixes_true_labels_with_teacher_probabilities(handful, tiny_vit, trained_vit, tmp_path):
+    from bonebreak.training import distillation_targets, main, prepare_data
+    from bonebreak.transforms import collate
+
+    data = prepare_data(TrainArguments(data_dir=str(handful)))
+    split = data.splits["train"]
+    hard = distillation_targets(split, data.labels, [str(trained_vit)], weight=0.0)
+    assert (hard.argmax(1) == split["label"]).all() and (hard.max(1) == 1).all()
+    soft = distillation_targets(split, data.labels, [str(trained_vit)] * 2, weight=0.5)
+    assert soft.sum(1) == pytest.approx(1.0, abs=1e-5) and (soft.max(1) < 1).all() and (soft.max(1) >= 0.5).all()
+    batch = collate([{"pixel_values": torch.zeros(3, 4, 4), "labels": row} for row in soft[:2]])
+    assert batch["labels"].dtype == torch.float32 and batch["labels"].shape == (2, len(data.labels))
+
+    main(["--data_dir", str(handful), "--model", str(tiny_vit), "--epochs", "1", "--batch_size", "8", "--output_dir", str(tmp_path / "student"),
+          "--num_workers", "0", "--distill_from", str(trained_vit), "--export_onnx", "false", "--no_evaluate_test"])
+    assert (tmp_path / "student" / "model.safetensors").is_file()
+    with pytest.raises(ValueError, match="--mixup"):
+        TrainArguments(distill_from=[str(trained_vit)], mixup=0.5)

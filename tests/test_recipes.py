@@ -114,6 +114,18 @@ def test_runner_trains_records_and_tabulates(handful, tmp_path):
     assert record["commit"] and record["wall_seconds"] > 0
     table = (tmp_path / "table.md").read_text()
     assert "| mixup | `--mixup 0.5` |" in table and "do not edit by hand" in table
+    assert record["inference"] == "fp32"
+
+    # An old record (evaluated under the bf16 wrapper) gets its metrics recomputed from the saved model.
+    true_accuracy = record["validation"]["accuracy"]
+    record["validation"]["accuracy"] = -1.0
+    del record["inference"]
+    path.write_text(json.dumps(record))
+    experiments.main(["--reevaluate", "--data_dir", str(handful), "--results_dir", str(tmp_path / "results"),
+                      "--work_dir", str(tmp_path / "work"), "--table_path", str(tmp_path / "table.md")])
+    fixed = json.loads(path.read_text())
+    assert fixed["validation"]["accuracy"] == true_accuracy and fixed["bf16_autocast_eval"]["validation"]["accuracy"] == -1.0
+    assert fixed["inference"].startswith("fp32")
 
 
 def test_weight_ema_averages_and_swaps_around_evaluation():

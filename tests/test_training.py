@@ -155,3 +155,22 @@ def test_model_card_can_add_cross_validation_without_re_evaluating(trained_vit, 
     assert "| grouped 5-fold CV over Train (mean +- std of folds) | 30 | 0.300 +- 0.050 | 0.250 +- 0.040 | 0.600 +- 0.020 |" in card
     assert "Grouped stratified 5-fold cross-validation of the same recipe" in card
     assert json.loads((folder / "metrics.json").read_text())["cv"] == cv
+
+
+def test_reports_match_the_saved_model_after_bf16_training(handful, tiny_vit, tmp_path):
+    """Evaluation after mixed-precision training must run the fp32 forward that users get."""
+    import csv
+
+    import numpy as np
+
+    from bonebreak.inference import Predictor
+
+    out = tmp_path / "bf16"
+    main(["--data_dir", str(handful), "--model", str(tiny_vit), "--epochs", "1", "--batch_size", "8", "--output_dir", str(out),
+          "--num_workers", "0", "--precision", "bf16", "--export_onnx", "false"])
+    assert json.loads((out / "metrics.json").read_text())["mixed_precision"] == "bf16"
+    rows = list(csv.DictReader((out / "eval_validation" / "predictions.csv").open()))
+    predictor = Predictor.from_checkpoint(out, device="cpu")
+    reloaded = predictor.probabilities([row["path"] for row in rows])
+    assert [predictor.labels[i] for i in reloaded.argmax(1)] == [row["predicted"] for row in rows]
+    assert np.abs(reloaded.max(1) - [float(row["probability"]) for row in rows]).max() <= 6e-5  # csv keeps 4 decimals

@@ -2,7 +2,9 @@
 
 ``Predictor.from_checkpoint(path)`` loads a checkpoint; ``predict(image)`` decodes,
 preprocesses, runs the model and returns calibrated probabilities per label;
-``grad_cam(image)`` shows where the model looked.
+``grad_cam(image)`` shows where the model looked. The forward pass runs on PyTorch or, on CPU,
+on the checkpoint's ONNX copy (``backend="auto"|"torch"|"onnx"``); preprocessing is the same
+Python code either way.
 """
 
 from __future__ import annotations
@@ -110,7 +112,8 @@ class Predictor:
         if calibrated:
             kwargs.setdefault("temperature", float(getattr(model.config, TEMPERATURE_KEY, None) or 1.0))
             kwargs.setdefault("ood", OODDetector.load(path))
-        return cls(model, preprocess_config_from_processor(processor, model.config), device=device, onnx=onnx_forward(path, backend, device), **kwargs)
+        preprocess = preprocess_config_from_processor(processor, model.config)
+        return cls(model, preprocess, device=device, onnx=onnx_forward(path, backend, device), **kwargs)
 
     def load(self, source: ImageSource) -> Image.Image:
         return load_image(source, self.limits)

@@ -34,7 +34,16 @@ from .inference import Ensemble, Predictor
 from .metrics import classification_metrics, headline
 from .models import create_model, save_checkpoint
 from .plots import plot_training_curves
-from .transforms import AUGMENT_POLICIES, EQUALIZE_KEY, AugmentConfig, batch_transform, collate, eval_transform, preprocess_config_from_processor, train_transform
+from .transforms import (
+    AUGMENT_POLICIES,
+    EQUALIZE_KEY,
+    AugmentConfig,
+    batch_transform,
+    collate,
+    eval_transform,
+    preprocess_config_from_processor,
+    train_transform,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +88,8 @@ class TrainArguments:
     )
     balanced_sampling: bool = field(
         default=False,
-        metadata={"help": "Draw training images with probability inverse to their class frequency (instead of, or with, the weighted loss)."},
+        metadata={"help": "Draw training images with probability inverse to their class frequency "
+                  "(instead of, or with, the weighted loss)."},
     )
     ema: float = field(
         default=0.0,
@@ -403,7 +413,9 @@ class WeightEMA(TrainerCallback):
 class BoneBreakTrainer(Trainer):
     """Trainer plus batch mixing, layer-wise learning-rate decay and class-balanced sampling (all off by default)."""
 
-    def __init__(self, *args: Any, mixer: BatchMixer | None = None, layer_decay: float = 1.0, balanced: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, mixer: BatchMixer | None = None, layer_decay: float = 1.0, balanced: bool = False, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.mixer, self.layer_decay, self.balanced = mixer, layer_decay, balanced
 
@@ -450,7 +462,9 @@ def distillation_targets(split: datasets.Dataset, labels: list[str], teachers: l
 def build_trainer(args: TrainArguments, data: LoadedData, model: Any, processor: Any) -> Trainer:
     model.config.update({EQUALIZE_KEY: args.equalize})  # saved with the weights, so inference equalises too
     preprocess = preprocess_config_from_processor(processor, model.config)
-    targets = distillation_targets(data.splits["train"], data.labels, args.distill_from, args.distill_weight) if args.distill_from else None
+    targets = None
+    if args.distill_from:
+        targets = distillation_targets(data.splits["train"], data.labels, args.distill_from, args.distill_weight)
     train = model_inputs(data.splits["train"], train_transform(preprocess, AugmentConfig(policy=args.augment)), args.cache_images, targets)
     validation = model_inputs(data.splits["validation"], eval_transform(preprocess), args.cache_images)
     weights = class_weights(data.splits["train"]["label"], len(data.labels)) if args.class_weighted_loss else None

@@ -99,12 +99,20 @@ def evaluate_split(
     predictor: Predictor, dataset: datasets.Dataset, data_labels: list[str], batch_size: int = 32
 ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     """Metrics in the model's label space, plus the true indices and probabilities."""
-    mapping = label_index_map(data_labels, predictor.labels)
-    truth = np.array([mapping[i] for i in dataset["label"]])
+    truth = true_indices(dataset, data_labels, predictor.labels)
     probs = predict_dataset(predictor, dataset, batch_size)
-    metrics = classification_metrics(truth, probs, predictor.labels)
+    return metrics_with_intervals(truth, probs, predictor.labels), truth, probs
+
+
+def true_indices(dataset: datasets.Dataset, data_labels: list[str], model_labels: list[str]) -> np.ndarray:
+    mapping = label_index_map(data_labels, model_labels)
+    return np.array([mapping[i] for i in dataset["label"]])
+
+
+def metrics_with_intervals(truth: np.ndarray, probs: np.ndarray, labels: list[str]) -> dict[str, Any]:
+    metrics = classification_metrics(truth, probs, labels)
     metrics["ci95"] = bootstrap_intervals(truth, probs)
-    return metrics, truth, probs
+    return metrics
 
 
 def write_report(

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from transformers import HfArgumentParser
 
-from .evaluate import evaluate_split, image_paths
+from .evaluate import evaluate_split, image_paths, metrics_with_intervals, predict_dataset, true_indices
 from .inference import Ensemble, Predictor
 from .metrics import TOP_K
 from .training import TrainArguments, prepare_data, resolve_precision, run_cv, run_training
@@ -158,8 +158,11 @@ def run_ensemble(exp: ExperimentArguments) -> dict[str, Any]:
     started = time.perf_counter()
     for split in ("clean_test", "test"):
         if split in data.splits:
-            record[split] = scores(evaluate_split(ensemble, data.splits[split], data.labels)[0])
-            record[f"{split}_single_members"] = [scores(evaluate_split(m, data.splits[split], data.labels)[0]) for m in ensemble.members]
+            dataset = data.splits[split]
+            truth = true_indices(dataset, data.labels, ensemble.labels)
+            members = [predict_dataset(member, dataset) for member in ensemble.members]  # each member predicts once
+            record[split] = scores(metrics_with_intervals(truth, np.mean(members, axis=0), ensemble.labels))
+            record[f"{split}_single_members"] = [scores(metrics_with_intervals(truth, probs, ensemble.labels)) for probs in members]
     sample = image_paths(data.splits["validation"])[:20]
     record["latency_ms_per_image"] = {"ensemble": latency_ms(ensemble, sample), "one_member": latency_ms(ensemble.members[0], sample)}
     record["wall_seconds"] = round(time.perf_counter() - started, 1)

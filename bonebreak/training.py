@@ -418,15 +418,17 @@ class BoneBreakTrainer(Trainer):
     """Trainer plus batch mixing, layer-wise learning-rate decay and class-balanced sampling (all off by default)."""
 
     def __init__(
-        self, *args: Any, mixer: BatchMixer | None = None, layer_decay: float = 1.0, balanced: bool = False, **kwargs: Any
+        self, *args: Any, mixer: BatchMixer | None = None, layer_decay: float = 1.0, balanced_labels: list[int] | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        self.mixer, self.layer_decay, self.balanced = mixer, layer_decay, balanced
+        # balanced_labels: the training images' classes, given when sampling is to be class-balanced
+        self.mixer, self.layer_decay, self.balanced_labels = mixer, layer_decay, balanced_labels
 
     def _get_train_sampler(self, train_dataset=None):
-        if not self.balanced:
+        if self.balanced_labels is None:
             return super()._get_train_sampler(train_dataset)
-        labels = list((train_dataset or self.train_dataset).labels)
+        labels = self.balanced_labels
         counts = np.bincount(labels)
         generator = torch.Generator().manual_seed(self.args.seed)  # the same draw on every process
         return torch.utils.data.WeightedRandomSampler(1.0 / counts[labels], num_samples=len(labels), replacement=True, generator=generator)
@@ -471,7 +473,8 @@ def build_trainer(args: TrainArguments, data: LoadedData, model: Any, processor:
         targets = distillation_targets(data.splits["train"], data.labels, args.distill_from, args.distill_weight)
     train = model_inputs(data.splits["train"], train_transform(preprocess, AugmentConfig(policy=args.augment)), args.cache_images, targets)
     validation = model_inputs(data.splits["validation"], eval_transform(preprocess), args.cache_images)
-    weights = class_weights(data.splits["train"]["label"], len(data.labels)) if args.class_weighted_loss else None
+    train_labels = list(data.splits["train"]["label"])
+    weights = class_weights(train_labels, len(data.labels)) if args.class_weighted_loss else None
     callbacks = [EarlyStoppingCallback(args.early_stopping_patience)] if args.early_stopping_patience else []
     if args.ema:
         callbacks.append(WeightEMA(args.ema))
@@ -487,7 +490,7 @@ def build_trainer(args: TrainArguments, data: LoadedData, model: Any, processor:
         callbacks=callbacks,
         mixer=BatchMixer(len(data.labels), args.mixup) if args.mixup else None,
         layer_decay=args.layer_decay,
-        balanced=args.balanced_sampling,
+        balanced_labels=train_labels if args.balanced_sampling else None,
     )
 
 

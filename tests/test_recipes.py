@@ -175,6 +175,10 @@ def test_equalisation_is_trained_saved_and_used_at_inference(handful, tiny_vit, 
     labels = torch.tensor(trainer.train_dataset.labels)[drawn]
     share_of_first = float((labels == 0).float().mean())
     assert share_of_first < 2.5 / len(data.labels)  # unbalanced it would be 4x the share of any other class
+    from dataclasses import replace
+
+    streamed = build_trainer(replace(args, cache_images=False), data, model, processor)  # labels come from the data, not the dataset type
+    assert list(streamed._get_train_sampler()) == drawn.tolist()
 
 
 def test_ensemble_record_averages_members_and_costs_their_latency(handful, trained_vit, tmp_path):

@@ -5,17 +5,17 @@ import os
 import sys
 from dataclasses import dataclass, field, replace
 
-from transformers import HfArgumentParser
 
+from bonebreak.cli import parse
 from bonebreak.images import DEFAULT_LIMITS, DecodeLimits
 from bonebreak.inference import BACKENDS, DEFAULT_UNSURE_BELOW, Predictor
-from bonebreak.models import ModelLoadError
+from bonebreak.models import SHIPPED_MODEL, ModelLoadError
 from bonebreak.ui import build_demo, launch
 
 
 @dataclass
 class AppArguments:
-    model_path: str = field(default="checkpoints/bone_break_model", metadata={"help": "Checkpoint folder to serve."})
+    model_path: str = field(default=SHIPPED_MODEL, metadata={"help": "Checkpoint folder to serve."})
     host: str = field(
         default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
         metadata={"help": "Interface to bind (default $GRADIO_SERVER_NAME, else 127.0.0.1; use 0.0.0.0 to expose it)."},
@@ -53,7 +53,7 @@ class AppArguments:
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        (args,) = HfArgumentParser(AppArguments).parse_args_into_dataclasses()
+        args = parse(AppArguments)
         predictor = Predictor.from_checkpoint(args.model_path, unsure_below=args.unsure_below, limits=args.decode_limits(), backend=args.backend)
     except (ModelLoadError, ValueError) as error:
         sys.exit(f"error: {error}")

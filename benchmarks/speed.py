@@ -36,7 +36,7 @@ from bonebreak.data import resolve_data_dir  # noqa: E402
 from bonebreak.evaluate import image_paths  # noqa: E402
 from bonebreak.export import ONNX_FILE, export_onnx  # noqa: E402
 from bonebreak.inference import Predictor  # noqa: E402
-from bonebreak.models import create_model  # noqa: E402
+from bonebreak.models import SHIPPED_MODEL, create_model  # noqa: E402
 from bonebreak.predict import predict_files  # noqa: E402
 from bonebreak.training import (  # noqa: E402
     TrainArguments,
@@ -124,7 +124,7 @@ def bare_images_per_second(args: TrainArguments, data: Any, warmup: int, steps: 
 def training_section(data_dir: str, warmup: int, steps: int) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         args = TrainArguments(data_dir=data_dir, output_dir=str(Path(scratch) / "model"), epochs=100, early_stopping_patience=0,
-                              logging_steps=1000, overwrite=True)
+                              logging_steps=1000, overwrite_output_dir=True)
         data = prepare_data(args)
         runs: dict[str, float] = {}
         # Interleaved and repeated so a change in machine load hits both paths alike.
@@ -205,7 +205,7 @@ def folder_section(model_path: str, files: list[str]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_dir", default=None, help="Dataset folder (default: $BONEBREAK_DATA, else data/bone-break).")
-    parser.add_argument("--model_path", default="checkpoints/bone_break_model", help="Checkpoint for the inference benchmarks.")
+    parser.add_argument("--model_path", default=SHIPPED_MODEL, help="Checkpoint for the inference benchmarks.")
     parser.add_argument("--train_steps", type=int, default=12, help="Timed training steps per run (after warm-up).")
     parser.add_argument("--warmup_steps", type=int, default=3, help="Untimed steps first (worker start-up, allocator).")
     parser.add_argument("--skip_training", action="store_true", help="Only the inference benchmarks.")

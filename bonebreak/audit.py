@@ -35,8 +35,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy.fft import dctn
 from tqdm.auto import tqdm
-from transformers import HfArgumentParser
 
+from .cli import parse
 from .data import DatasetError, Sample, resolve_data_dir, scan_folder
 from .images import ImageLoadError, load_image
 from .models import embed_pixels, imagenet_embedder
@@ -572,7 +572,7 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    (args,) = HfArgumentParser(AuditArguments).parse_args_into_dataclasses(args=argv)
+    args = parse(AuditArguments, argv)
     start = time.perf_counter()
     root, samples = scan(args.data_dir)
     features = extract_features(samples, embed=args.embeddings, batch_size=args.batch_size)

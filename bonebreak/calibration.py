@@ -21,13 +21,17 @@ import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from transformers import HfArgumentParser
+
+from .cli import parse
+from .models import SHIPPED_MODEL, classifier_head
 
 logger = logging.getLogger(__name__)
 
 OOD_FILE = "ood.safetensors"
 OOD_QUANTILE = 0.99
-TEMPERATURE_KEY = "bonebreak_temperature"
+TEMPERATURE_KEY = "bonebreak_temperature"  # applied by Predictor at inference; 1.0 once folded into the head
+FOLDED_KEY = "bonebreak_temperature_folded"  # the temperature already divided into the head's weights
+PHOTOS_DIR = Path(__file__).resolve().parent / "assets" / "photos"  # reference non-X-ray pictures
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray, max_iter: int = 200) -> float:
@@ -45,6 +49,29 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, max_iter: int = 200)
 
     optimizer.step(closure)
     return float(log_t.detach().exp().clamp(0.05, 20.0))
+
+
+def fold_temperature(model: Any, temperature: float) -> bool:
+    """Divide the classifier head by ``temperature`` so that every loader gets calibrated logits.
+
+    softmax(W x / T + b / T) is the calibrated distribution, so a model saved this way gives
+    the app's probabilities through ``pipeline()`` and ``AutoModelForImageClassification`` too.
+    A head that is not one final linear layer keeps the temperature in the config instead
+    (Predictor applies it), and False is returned.
+    """
+    config = model.config
+    head = classifier_head(model)
+    if head is None:
+        logger.warning("no final linear head to fold the temperature into: it stays in config.%s (pipeline() users "
+                       "get uncalibrated probabilities)", TEMPERATURE_KEY)
+        config.update({TEMPERATURE_KEY: temperature})
+        return False
+    with torch.no_grad():
+        head.weight.div_(temperature)
+        if head.bias is not None:
+            head.bias.div_(temperature)
+    config.update({TEMPERATURE_KEY: 1.0, FOLDED_KEY: float(getattr(config, FOLDED_KEY, None) or 1.0) * temperature})
+    return True
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -172,26 +199,25 @@ def auroc(positive_scores: Sequence[float], negative_scores: Sequence[float]) ->
     return float(roc_auc_score(y, np.r_[positive_scores, negative_scores]))
 
 
-def natural_photos() -> list[tuple[str, Any]]:
-    """Non-X-ray images that ship with scikit-image and scikit-learn (no download)."""
-    import skimage.data
-    from sklearn.datasets import load_sample_images
+def natural_photos() -> list[tuple[str, Image.Image]]:
+    """Pictures that are not X-rays, shipped in ``bonebreak/assets/photos`` (name = file stem).
 
-    names = ["astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field",
-             "camera", "moon", "page", "text", "coins", "horse", "retina", "colorwheel", "logo", "cat", "clock"]
+    Public-domain/CC0 photos and a few generated pictures (sources and licences in that
+    folder's ATTRIBUTION.md); they need no download and no package beyond Pillow.
+    """
     photos = []
-    for name in names:
-        array = getattr(skimage.data, name)()  # all of these are bundled with the package
-        if array.dtype == bool:
-            array = array.astype(np.uint8) * 255
-        photos.append((f"skimage.{name}", array))
-    photos += [(f"sklearn.{i}", image) for i, image in enumerate(load_sample_images().images)]
+    for path in sorted(p for p in PHOTOS_DIR.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png")):
+        with Image.open(path) as image:
+            image.load()
+            photos.append((path.stem, image))
+    if not photos:
+        raise FileNotFoundError(f"no reference photos in {PHOTOS_DIR}")
     return photos
 
 
 @dataclass
 class CalibrateArguments:
-    model_path: str = field(default="checkpoints/bone_break_model", metadata={"help": "Checkpoint folder to calibrate in place."})
+    model_path: str = field(default=SHIPPED_MODEL, metadata={"help": "Checkpoint folder to calibrate in place."})
     data_dir: str | None = field(default=None, metadata={"help": "Dataset folder (default: $BONEBREAK_DATA, else data/bone-break)."})
 
 
@@ -212,10 +238,15 @@ def calibrate_checkpoint(folder: str | Path, train_images: Sequence[str], val_im
     """Calibrate a saved checkpoint in place (config, ood file, calibration report)."""
     from .inference import Predictor
 
+    from .export import ONNX_FILE, export_onnx
+
     folder = Path(folder)
     raw = Predictor.from_checkpoint(folder, calibrated=False)
     result = calibrate_predictor(raw, train_images, val_images, val_labels, folder)
-    raw.model.config.to_json_file(folder / "config.json")
+    result["temperature_folded_into_head"] = fold_temperature(raw.model, result["temperature"])
+    raw.model.to("cpu").save_pretrained(folder, safe_serialization=True)
+    if (folder / ONNX_FILE).is_file():  # the weights changed: keep the ONNX copy current
+        export_onnx(folder)
     return result
 
 
@@ -242,7 +273,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from .evaluate import image_paths
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    (args,) = HfArgumentParser(CalibrateArguments).parse_args_into_dataclasses(args=argv)
+    args = parse(CalibrateArguments, argv)
     summary = json.loads((Path(args.model_path) / "metrics.json").read_text())["arguments"]
     data = load_splits(resolve_data_dir(args.data_dir), val_fraction=summary["val_fraction"], seed=summary["seed"], split_manifest=summary.get("split_manifest", "none"))
     result = calibrate_checkpoint(args.model_path, image_paths(data.splits["train"]), image_paths(data.splits["validation"]),

@@ -94,8 +94,8 @@ def scan_folder(root: str | os.PathLike) -> list[Sample]:
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(
-            f"data folder {root} does not exist; pass --data_dir PATH or set {DATA_ENV_VAR} "
-            "(e.g. ../shared/datasets/bone-break)"
+            f"data folder {root} does not exist; pass --data_dir PATH, set {DATA_ENV_VAR}=PATH or put the dataset "
+            f"at {DEFAULT_DATA_DIR} (where to get it: \"Getting the data\" in README.md)"
         )
     layout = detect_layout(root)
     samples: list[Sample] = []

@@ -19,8 +19,9 @@ from typing import Any
 import datasets
 import numpy as np
 from tqdm.auto import tqdm
-from transformers import HfArgumentParser
 
+from .models import SHIPPED_MODEL
+from .cli import parse
 from .data import SPLITS, load_splits, resolve_data_dir
 from .inference import Predictor
 from .metrics import TOP_K, bootstrap_intervals, classification_metrics, headline
@@ -42,14 +43,15 @@ CLEAN_NOTE = (
 
 @dataclass
 class EvalArguments:
-    model_path: str = field(default="checkpoints/bone_break_model", metadata={"help": "Checkpoint folder to evaluate."})
+    model_path: str = field(default=SHIPPED_MODEL, metadata={"help": "Checkpoint folder to evaluate."})
     data_dir: str | None = field(
         default=None, metadata={"help": "Dataset folder (default: $BONEBREAK_DATA, else data/bone-break)."}
     )
     split: str = field(
-        default="test",
-        metadata={"help": "train, validation, test (published, leaks near-duplicates), clean_test (Test images with no "
-                  "near-copy in Train) or all (validation, test and clean_test side by side)."},
+        default="auto",
+        metadata={"help": "auto (default: clean_test when the split manifest defines it, else test), train, validation, test "
+                  "(published, leaks near-duplicates), clean_test (Test images with no near-copy in Train) or all "
+                  "(validation, test and clean_test side by side)."},
     )
     cv_report: str | None = field(
         default=None, metadata={"help": "With --split all: a cv.json from `train.py --cv 5` to show beside the splits."}
@@ -68,8 +70,8 @@ class EvalArguments:
     device: str | None = field(default=None, metadata={"help": "cpu, cuda or cuda:N (default: cuda if available)."})
 
     def __post_init__(self) -> None:
-        if self.split not in SPLITS + ("all",):
-            raise ValueError(f"--split must be one of {', '.join(SPLITS)} or all, got '{self.split}'")
+        if self.split not in SPLITS + ("all", "auto"):
+            raise ValueError(f"--split must be auto, one of {', '.join(SPLITS)} or all, got '{self.split}'")
         if self.batch_size < 1:
             raise ValueError(f"--batch_size must be >= 1, got {self.batch_size}")
 
@@ -225,22 +227,31 @@ def ood_check(predictor: Predictor, dataset: datasets.Dataset, out_dir: str | Pa
     return result
 
 
+def default_split(splits: Any) -> str:
+    """clean Test where the grouped split manifest defines it (the honest number), else the folder's test split."""
+    for name in ("clean_test", "test", "validation"):
+        if name in splits:
+            return name
+    raise ValueError("the data folder has no test or validation split to evaluate on")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    (args,) = HfArgumentParser(EvalArguments).parse_args_into_dataclasses(args=argv)
+    args = parse(EvalArguments, argv)
     predictor = Predictor.from_checkpoint(args.model_path, device=args.device)
     data = load_splits(resolve_data_dir(args.data_dir), val_fraction=args.val_fraction, seed=args.seed, split_manifest=args.split_manifest)
-    splits = [s for s in ("validation", "test", "clean_test") if s in data.splits] if args.split == "all" else [args.split]
+    split = default_split(data.splits) if args.split == "auto" else args.split
+    splits = [s for s in ("validation", "test", "clean_test") if s in data.splits] if split == "all" else [split]
     missing = [s for s in splits if s not in data.splits]
     if missing:
         raise ValueError(f"split '{missing[0]}' does not exist in this data folder; available: {list(data.splits)}")
-    out_dir = Path(args.report_dir or Path("reports") / f"{Path(args.model_path).name}-{args.split}")
+    out_dir = Path(args.report_dir or Path("reports") / f"{Path(args.model_path).name}-{split}")
     reports = {}
-    for split in splits:
-        folder = out_dir / split if args.split == "all" else out_dir
-        reports[split] = run_evaluation(predictor, data.splits[split], data.labels, split, folder, args.batch_size)
-        print(format_table(reports[split], f"{args.model_path} on {split}") + "\n")
-    if args.split == "all":
+    for name in splits:
+        folder = out_dir / name if split == "all" else out_dir
+        reports[name] = run_evaluation(predictor, data.splits[name], data.labels, name, folder, args.batch_size)
+        print(format_table(reports[name], f"{args.model_path} on {name}") + "\n")
+    if split == "all":
         cv = json.loads(Path(args.cv_report).read_text()) if args.cv_report else None
         table = comparison_table(reports, cv)
         (out_dir / "comparison.md").write_text(table + "\n")
@@ -249,9 +260,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if ood is not None:
         print(f"X-ray check: AUROC {ood['auroc_photos_vs_xrays']:.3f} (non-X-ray photos vs {splits[-1]} X-rays), "
               f"{ood['xrays_flagged']:.1%} of X-rays and {ood['photos_flagged']:.1%} of photos flagged")
-    for split, report in reports.items():
+    for name, report in reports.items():
         if "note" in report:
-            print(f"Note ({split}): {report['note']}")
+            print(f"Note ({name}): {report['note']}")
     print(f"\nReport written to {out_dir}")
     return reports[splits[0]] if len(splits) == 1 else reports
 

@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import HfArgumentParser
 
+from .cli import parse
 from .evaluate import evaluate_split, image_paths, metrics_with_intervals, predict_dataset, true_indices
 from .inference import Ensemble, Predictor
 from .metrics import TOP_K
@@ -103,7 +103,7 @@ def recipe_arguments(name: str, exp: ExperimentArguments) -> TrainArguments:
     if exp.epochs is not None:
         overrides["epochs"] = exp.epochs
     return TrainArguments(
-        data_dir=exp.data_dir, seed=exp.seed, output_dir=str(Path(exp.work_dir) / f"{name}-seed{exp.seed}"), overwrite=True,
+        data_dir=exp.data_dir, seed=exp.seed, output_dir=str(Path(exp.work_dir) / f"{name}-seed{exp.seed}"), overwrite_output_dir=True,
         max_train_samples=exp.max_train_samples, cv_folds=exp.cv, **overrides,
     )
 
@@ -207,7 +207,7 @@ def run_recipe(name: str, exp: ExperimentArguments) -> dict[str, Any]:
     record: dict[str, Any] = {
         "recipe": name,
         "overrides": RECIPES[name],
-        "arguments": {k: v for k, v in asdict(args).items() if k not in ("data_dir", "output_dir", "overwrite", "resume")},
+        "arguments": {k: v for k, v in asdict(args).items() if k not in ("data_dir", "output_dir", "overwrite_output_dir", "resume")},
         "seed": exp.seed,
         "commit": git_commit(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -316,7 +316,7 @@ def write_table(exp: ExperimentArguments) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    (exp,) = HfArgumentParser(ExperimentArguments).parse_args_into_dataclasses(args=argv)
+    exp = parse(ExperimentArguments, argv)
     for name in exp.recipes:
         logger.info("experiment %s (seed %d)", name, exp.seed)
         path = save_record(run_recipe(name, exp), exp.results_dir)

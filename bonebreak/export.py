@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import HfArgumentParser
 
-from .models import WEIGHTS_FILE, ModelLoadError, load_checkpoint
+from .cli import parse
+from .models import SHIPPED_MODEL, WEIGHTS_FILE, ModelLoadError, load_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ def export_onnx(checkpoint: str | os.PathLike, output: str | os.PathLike | None 
 @dataclass
 class ExportArguments:
     onnx: bool = field(default=False, metadata={"help": "Export to ONNX (the only format so far)."})
-    model_path: str = field(default="checkpoints/bone_break_model", metadata={"help": "Checkpoint folder to export."})
+    model_path: str = field(default=SHIPPED_MODEL, metadata={"help": "Checkpoint folder to export."})
     output: str | None = field(default=None, metadata={"help": f"Where to write (default: MODEL_PATH/{ONNX_FILE}, which the app and CLI pick up)."})
     opset: int = field(default=DEFAULT_OPSET, metadata={"help": "ONNX opset version."})
     tolerance: float = field(default=DEFAULT_TOLERANCE, metadata={"help": "Fail when a probability differs from PyTorch by more than this."})
@@ -183,7 +183,7 @@ class ExportArguments:
 
 def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    (args,) = HfArgumentParser(ExportArguments).parse_args_into_dataclasses(args=argv)
+    args = parse(ExportArguments, argv)
     return export_onnx(args.model_path, args.output, args.opset, args.tolerance)
 
 

@@ -113,7 +113,16 @@ class Predictor:
             kwargs.setdefault("temperature", float(getattr(model.config, TEMPERATURE_KEY, None) or 1.0))
             kwargs.setdefault("ood", OODDetector.load(path))
         preprocess = preprocess_config_from_processor(processor, model.config)
-        return cls(model, preprocess, device=device, onnx=onnx_forward(path, backend, device), **kwargs)
+        predictor = cls(model, preprocess, device=device, onnx=onnx_forward(path, backend, device), **kwargs)
+        logger.info("%s: %s", path, predictor.backend_description)
+        return predictor
+
+    @property
+    def backend_description(self) -> str:
+        """Which engine runs the forward pass, for logs: users should know what they are timing."""
+        if self.onnx is not None:
+            return "inference backend ONNX Runtime (model.onnx, CPU)"
+        return f"inference backend PyTorch ({self.device})"
 
     def load(self, source: ImageSource) -> Image.Image:
         return load_image(source, self.limits)

@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from transformers import HfArgumentParser
 
+from .models import SHIPPED_MODEL
+from .cli import parse
 from .data import load_splits, resolve_data_dir
 from .evaluate import comparison_table, ood_check, run_evaluation
 from .inference import Predictor
@@ -186,7 +187,7 @@ def evaluate_checkpoint(folder: Path, summary: dict[str, Any], data_dir: str | N
 
 @dataclass
 class CardArguments:
-    model_path: str = field(default="checkpoints/bone_break_model", metadata={"help": "Checkpoint folder (with its metrics.json)."})
+    model_path: str = field(default=SHIPPED_MODEL, metadata={"help": "Checkpoint folder (with its metrics.json)."})
     data_dir: str | None = field(default=None, metadata={"help": "Dataset folder (default: $BONEBREAK_DATA, else data/bone-break)."})
     cv_report: str | None = field(default=None, metadata={"help": "cv.json of `train.py --cv K` with the same recipe, to include."})
     reuse_reports: bool = field(
@@ -196,7 +197,7 @@ class CardArguments:
 
 def main(argv: list[str] | None = None) -> Path:
     """Re-evaluate a checkpoint and rewrite its model card: ``python -m bonebreak.model_card``."""
-    (args,) = HfArgumentParser(CardArguments).parse_args_into_dataclasses(args=argv)
+    args = parse(CardArguments, argv)
     folder = Path(args.model_path)
     summary = json.loads((folder / "metrics.json").read_text())
     if args.reuse_reports:

@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 ModelAndProcessor = tuple[PreTrainedModel, Any]
 ModelBuilder = Callable[[list[str], "int | None"], ModelAndProcessor]
 _REGISTRY: dict[str, ModelBuilder] = {}
+SHIPPED_MODEL = "checkpoints/bone_break_model"  # the committed checkpoint every command serves by default
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 
@@ -169,6 +170,15 @@ def embed_pixels(
         return torch.nn.functional.normalize(features_sum, dim=1).numpy()
 
 
+def classifier_head(model: PreTrainedModel) -> torch.nn.Linear | None:
+    """The final linear layer that produces the logits (timm-backed or transformers models), if there is one."""
+    timm_model = getattr(model, "timm_model", None)
+    head = timm_model.get_classifier() if timm_model is not None else getattr(model, "classifier", None)
+    if isinstance(head, torch.nn.Linear) and head.out_features == model.config.num_labels:
+        return head
+    return None
+
+
 # --- Any Hub id or local folder ---------------------------------------------------------------
 
 
@@ -191,6 +201,17 @@ def set_image_size(model: PreTrainedModel, processor: Any, image_size: int) -> A
     return processor
 
 
+def load_image_processor(name_or_path: str | os.PathLike, model_type: str | None) -> Any:
+    """The checkpoint's image processor, asking for the backend that exists for it.
+
+    transformers 5 asks for the torchvision implementation first and, for the timm wrapper,
+    which has only a PIL one, logs "Requested torchvision backend is not available" before
+    falling back (torchvision is installed; the implementation is what is missing).
+    """
+    backend = {"backend": "pil"} if model_type == "timm_wrapper" else {}
+    return AutoImageProcessor.from_pretrained(name_or_path, **backend)
+
+
 def _offline_hint(name: str) -> str:
     return (
         f"'{name}' is not a registered model ({', '.join(available_models())}), not a local folder, "
@@ -203,7 +224,6 @@ def load_pretrained_classifier(name: str, labels: list[str], image_size: int | N
     """Load a Hub id or local folder with a fresh head for ``labels``."""
     id2label, label2id = label_maps(labels)
     try:
-        processor = AutoImageProcessor.from_pretrained(name)
         model = AutoModelForImageClassification.from_pretrained(
             name,
             num_labels=len(labels),
@@ -212,6 +232,7 @@ def load_pretrained_classifier(name: str, labels: list[str], image_size: int | N
             ignore_mismatched_sizes=True,
             trust_remote_code=False,
         )
+        processor = load_image_processor(name, model.config.model_type)
     except OSError as error:
         raise ModelLoadError(_offline_hint(name)) from error
     if image_size:
@@ -291,7 +312,7 @@ def load_checkpoint(path: str | os.PathLike) -> ModelAndProcessor:
         )
     try:
         model = AutoModelForImageClassification.from_pretrained(path, use_safetensors=True, trust_remote_code=False)
-        processor = AutoImageProcessor.from_pretrained(path)
+        processor = load_image_processor(path, model.config.model_type)
     except Exception as error:  # safetensors, json and shape errors all mean the same to a user
         raise ModelLoadError(f"{path}: checkpoint cannot be loaded, {path / WEIGHTS_FILE} or {CONFIG_FILE} is damaged or mismatched ({error})") from error
     model.eval()

@@ -15,18 +15,18 @@ from pathlib import Path
 from typing import Iterable
 
 from tqdm.auto import tqdm
-from transformers import HfArgumentParser
 
+from .cli import argument_parser
 from .images import ImageLoadError, is_image_file
 from .inference import BACKENDS, DEFAULT_UNSURE_BELOW, Predictor
-from .models import ModelLoadError
+from .models import SHIPPED_MODEL, ModelLoadError
 
 FORMATS = ("table", "csv", "json")
 
 
 @dataclass
 class PredictArguments:
-    model_path: str = field(default="checkpoints/bone_break_model", metadata={"help": "Checkpoint folder."})
+    model_path: str = field(default=SHIPPED_MODEL, metadata={"help": "Checkpoint folder."})
     top_k: int = field(default=3, metadata={"help": "How many labels to show per image."})
     format: str = field(default="table", metadata={"help": "Output format: table, csv or json."})
     batch_size: int = field(default=16, metadata={"help": "Images per forward pass."})
@@ -128,7 +128,7 @@ def format_rows(rows: list[Row], fmt: str, top_k: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = HfArgumentParser(PredictArguments)
+    parser = argument_parser(PredictArguments)
     parser.add_argument("paths", nargs="+", help="Image files (JPEG, PNG, DICOM, ...) or folders of them.")
     args, extra = parser.parse_args_into_dataclasses(args=argv)
     files, saw_folder = expand_paths(extra.paths)
@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     except ModelLoadError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    print(f"{args.model_path}: {predictor.backend_description}", file=sys.stderr)
     rows = predict_files(predictor, files, args.top_k, args.batch_size, progress=saw_folder)
     print(format_rows(rows, args.format, args.top_k))
     return 0

@@ -21,14 +21,17 @@ import datasets
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import EarlyStoppingCallback, HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
 from torchvision.transforms import v2
+from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import set_seed
 
 from .data import DecodedImages, LoadedData, load_splits, resolve_data_dir, split_counts_of
 from . import model_card
-from .calibration import OOD_FILE, OODDetector, calibrate_predictor
-from .evaluate import image_paths, ood_check, run_evaluation
+from .calibration import OOD_FILE, OODDetector, calibrate_predictor, fold_temperature
+from .cli import parse
+from .evaluate import comparison_table, image_paths, ood_check, run_evaluation
 from .export import export_onnx
 from .inference import Ensemble, Predictor
 from .metrics import classification_metrics, headline
@@ -60,9 +63,11 @@ class TrainArguments:
         default="efficientnet_lite0",
         metadata={"help": "efficientnet_lite0/1/2 (offline ImageNet weights), or any Hub id or local folder of an image-classification model."},
     )
-    output_dir: str = field(
-        default="checkpoints/bone_break_model",
-        metadata={"help": "Where the final model goes; resumable Trainer checkpoints go to <output_dir>.trainer/."},
+    output_dir: str | None = field(
+        default=None,
+        metadata={"help": "Where the final model goes (default: a new folder runs/<model>-<date>-<time>, so no run replaces "
+                  "another or the shipped model); resumable Trainer checkpoints go to <output_dir>.trainer/. An existing "
+                  "non-empty folder is refused unless --overwrite_output_dir or --resume."},
     )
     epochs: float = field(
         default=12,
@@ -129,7 +134,11 @@ class TrainArguments:
     )
     seed: int = field(default=42, metadata={"help": "Seed for the split, initialisation, augmentation and data order."})
     resume: bool = field(default=False, metadata={"help": "Continue from the last checkpoint in <output_dir>.trainer/."})
-    overwrite: bool = field(default=False, metadata={"help": "Start over even if <output_dir>.trainer/ holds checkpoints of an earlier run."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"aliases": ["--overwrite"],
+                  "help": "Replace a non-empty --output_dir and start over even if <output_dir>.trainer/ holds checkpoints of an earlier run."},
+    )
     early_stopping_patience: int = field(
         default=4, metadata={"help": "Stop after this many epochs without a better validation macro-F1 (0: never)."}
     )
@@ -188,16 +197,42 @@ class TrainArguments:
             raise ValueError("--distill_from keeps the teachers' targets with the decoded images: drop --cache_images False")
         if self.ema and self.save_every_steps:
             raise ValueError("--ema averages weights between epoch-end evaluations: drop --save_every_steps or --ema")
-        if self.resume and self.overwrite:
-            raise ValueError("--resume and --overwrite contradict each other: pick one")
+        if self.resume and self.overwrite_output_dir:
+            raise ValueError("--resume and --overwrite_output_dir contradict each other: pick one")
+        if self.resume and not self.output_dir:
+            raise ValueError("--resume needs the --output_dir of the run to continue (the folder printed when it started)")
 
     @property
     def work_dir(self) -> Path:
+        if not self.output_dir:
+            raise ValueError("no --output_dir yet: call with_output_dir() first")
         return Path(f"{self.output_dir.rstrip('/')}.trainer")
 
 
 def parse_args(argv: list[str] | None = None) -> TrainArguments:
-    (args,) = HfArgumentParser(TrainArguments).parse_args_into_dataclasses(args=argv)
+    return parse(TrainArguments, argv)
+
+
+def new_run_dir(model: str) -> str:
+    """runs/<model>-<date>-<time>; every process of a distributed run gets rank 0's name."""
+    name = Path(model.rstrip("/")).name or "model"  # a Hub id "google/vit-base-patch16-224" -> "vit-base-patch16-224"
+    stamp = [time.strftime("%Y%m%d-%H%M%S")]
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        PartialState()  # joins the process group that Trainer would set up anyway
+        broadcast_object_list(stamp)  # the clocks of two processes can straddle a second
+    return str(Path("runs") / f"{name}-{stamp[0]}")
+
+
+def with_output_dir(args: TrainArguments) -> TrainArguments:
+    """Fill in a fresh run folder when none was given; refuse to replace a non-empty one by accident."""
+    if not args.output_dir:
+        return replace(args, output_dir=new_run_dir(args.model))
+    out = Path(args.output_dir)
+    if out.is_dir() and any(out.iterdir()) and not (args.overwrite_output_dir or args.resume):
+        raise ValueError(
+            f"--output_dir {out} is not empty: leave --output_dir out to train into a new runs/ folder, pick another "
+            "folder, or pass --overwrite_output_dir to replace it (--resume continues an interrupted run)"
+        )
     return args
 
 
@@ -338,12 +373,12 @@ def resume_point(args: TrainArguments) -> str | None:
         if last is None:
             logger.warning("--resume given but %s holds no checkpoint: starting from scratch", args.work_dir)
         return last
-    if last is not None and not args.overwrite:
+    if last is not None and not args.overwrite_output_dir:
         raise ValueError(
             f"{args.work_dir} holds checkpoints of an earlier run ({Path(last).name}): "
-            "pass --resume to continue it or --overwrite to start over"
+            "pass --resume to continue it or --overwrite_output_dir to start over"
         )
-    if args.overwrite and args.work_dir.is_dir():
+    if args.overwrite_output_dir and args.work_dir.is_dir():
         shutil.rmtree(args.work_dir)
     return None
 
@@ -533,16 +568,24 @@ def summarise(args: TrainArguments, data: LoadedData, trainer: Trainer, train_se
 
 
 def calibrate(model: Any, processor: Any, data: LoadedData, out_dir: Path) -> tuple[Predictor, dict]:
-    """Fit temperature and the X-ray check on validation; returns the calibrated predictor."""
+    """Fit temperature and the X-ray check on validation; returns the calibrated predictor.
+
+    The temperature is folded into the classifier head, so ``pipeline()`` and
+    ``AutoModelForImageClassification`` users get the same calibrated probabilities as the app.
+    """
     raw = Predictor(model, preprocess_config_from_processor(processor, model.config))
     result = calibrate_predictor(raw, image_paths(data.splits["train"]), image_paths(data.splits["validation"]),
                                  data.splits["validation"]["label"], out_dir)
-    raw.temperature, raw.ood = result["temperature"], OODDetector.load(out_dir)
+    result["temperature_folded_into_head"] = fold_temperature(model, result["temperature"])
+    raw.temperature = float(model.config.bonebreak_temperature)
+    raw.ood = OODDetector.load(out_dir)
     return raw, result
 
 
-def write_outputs(args: TrainArguments, data: LoadedData, trainer: Trainer, summary: dict, processor: Any) -> Path:
-    """Calibrate, evaluate on validation and test, plot, write the model card, save atomically."""
+def write_outputs(args: TrainArguments, data: LoadedData, trainer: Trainer, summary: dict, processor: Any) -> tuple[Path, dict]:
+    """Calibrate, evaluate on validation and test, plot, write the model card, save atomically.
+
+    Returns the saved folder and the evaluation report of each split."""
     # Without the mixed-precision wrapper: reports must come from the fp32 forward that users get
     # (measured: under bf16 autocast up to 3 of 108 clean-Test predictions came out differently).
     model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
@@ -575,11 +618,27 @@ def write_outputs(args: TrainArguments, data: LoadedData, trainer: Trainer, summ
             export_onnx(saved)
         except Exception as error:  # the PyTorch checkpoint is complete and usable without it
             logger.warning("ONNX export failed, the app and CLI will run on PyTorch: %s", error)
-    return saved
+    return saved, reports
+
+
+def final_message(saved: Path, reports: dict[str, dict], train_seconds: float) -> str:
+    """What a person needs at the end of a run: the scores, where the files are, how to serve it."""
+    lines = [f"Trained in {train_seconds / 60:.1f} min. Best model (chosen by validation macro-F1), 95% bootstrap intervals:", "",
+             comparison_table(reports), ""]
+    if "test" in reports:
+        lines.append("The published Test split of the bone-break dataset leaks near-duplicates of Train: read clean Test "
+                     "where it is shown (see README 'Known leakage').")
+    lines += [f"Model, reports and model card: {saved}/ (metrics.json, eval_*/, training_curves.png, README.md)",
+              f"Serve it:   python app.py --model_path {saved}",
+              f"Predict:    python -m bonebreak.predict --model_path {saved} PATH..."]
+    return "\n".join(lines)
 
 
 def run_training(args: TrainArguments, data: LoadedData | None = None) -> dict:
     """Train, select the best epoch by validation macro-F1, evaluate, save. Returns the summary."""
+    args = with_output_dir(args)
+    logger.info("training into %s (after an interruption, rerun the same command with --output_dir %s --resume)",
+                args.output_dir, args.output_dir)
     set_seed(args.seed)
     data = data or prepare_data(args)
     model, processor = create_model(args.model, data.labels, args.image_size)
@@ -594,8 +653,8 @@ def run_training(args: TrainArguments, data: LoadedData | None = None) -> dict:
     validation = trainer.evaluate()  # on every process: evaluation is collective under DDP
     summary = summarise(args, data, trainer, train_seconds, validation)
     if trainer.is_world_process_zero():
-        write_outputs(args, data, trainer, summary, processor)
-        logger.info("model saved to %s (%.0f s of training)", args.output_dir, train_seconds)
+        saved, reports = write_outputs(args, data, trainer, summary, processor)
+        print("\n" + final_message(saved, reports, train_seconds), flush=True)
     trainer.accelerator.wait_for_everyone()
     return summary
 
@@ -628,10 +687,12 @@ def cv_fold_data(data: LoadedData, k: int, seed: int) -> list[LoadedData]:
 
 def run_cv(args: TrainArguments) -> dict:
     """Grouped k-fold cross-validation of the recipe: mean and spread of validation metrics."""
+    args = with_output_dir(args)
     data = prepare_data(args)
     per_fold = []
     for fold, fold_data in enumerate(cv_fold_data(data, args.cv_folds, args.seed)):
-        fold_args = replace(args, output_dir=str(Path(args.output_dir) / f"fold{fold}"), evaluate_test=False, cv_folds=0)
+        fold_args = replace(args, output_dir=str(Path(args.output_dir) / f"fold{fold}"), evaluate_test=False, cv_folds=0,
+                            overwrite_output_dir=args.overwrite_output_dir or not args.resume)
         summary = run_training(fold_args, fold_data)
         per_fold.append({"fold": fold, "n_validation": len(fold_data.splits["validation"]), "train_seconds": summary["train_seconds"],
                          **{k.removeprefix("eval_"): v for k, v in summary["validation"].items() if k.endswith(("accuracy", "f1"))}})

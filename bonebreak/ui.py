@@ -27,8 +27,8 @@ logger = logging.getLogger(__name__)
 INFO_FILE = Path(__file__).with_name("fracture_info.json")
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
 NOTICE = (
-    "**Research demo, not a diagnostic device.** The model was trained on about a thousand images of a "
-    "small public dataset (Roboflow \"bone-break-classification\", CC BY 4.0) and is often wrong. "
+    "**Research demo, not a diagnostic device.** The model was trained on a small dataset (the shipped one on about a "
+    "thousand images of the public Roboflow \"bone-break-classification\" set, CC BY 4.0) and is often wrong. "
     "It only names a fracture *type*; it cannot tell whether a bone is broken at all. "
     "Never use it for medical decisions: ask a qualified clinician."
 )
@@ -51,6 +51,11 @@ def describe(label: str) -> str:
     lines = [f"### {label} fracture"] + [f"- **{title}:** {info[key]}" for key, title in INFO_FIELDS]
     lines.append(f"\n<sub>Source: {fracture_info()['_source']}</sub>")
     return "\n".join(lines)
+
+
+def introduction(labels: list[str]) -> str:
+    """The page's first line, naming what this checkpoint can tell apart (not every model knows the ten shipped types)."""
+    return f"Upload a bone X-ray to see which of these {len(labels)} types it most resembles: {', '.join(labels)}."
 
 
 def verdict(top_label: str, top_probability: float, unsure: bool, threshold: float) -> str:
@@ -141,7 +146,7 @@ def build_demo(predictor: Predictor, examples: list[str] | None = None) -> gr.Bl
     examples = example_files() if examples is None else examples
     # Uploads and heat maps are cached on disk per request: drop files older than an hour.
     with gr.Blocks(title="BoneBreak: fracture type from an X-ray", delete_cache=(1800, 3600)) as demo:
-        gr.Markdown("# BoneBreak\nUpload a bone X-ray to see which of ten fracture types it most resembles.")
+        gr.Markdown(f"# BoneBreak\n{introduction(predictor.labels)}")
         gr.Markdown(NOTICE, elem_id="notice")
         with gr.Row():
             with gr.Column():

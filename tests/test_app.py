@@ -7,10 +7,6 @@ import io
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import gradio as gr
@@ -19,7 +15,7 @@ from PIL import Image
 
 from bonebreak.inference import Predictor
 from bonebreak.ui import NOT_XRAY, Classifier, OutputImages, build_demo, describe, example_files, fracture_info
-from conftest import REPO, SHIPPED_MODEL, synthetic_xray
+from conftest import REPO, SHIPPED_MODEL, start_app, synthetic_xray
 from test_images import _bomb_png, gradient16, make_dicom
 
 UPLOAD = "#upload input[type=file]"
@@ -131,33 +127,10 @@ def test_demo_builds_without_side_effects(classify):
 
 # --- the real server -----------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    port = free_port()
     log = tmp_path_factory.mktemp("server") / "app.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
-    with open(log, "w") as handle:
-        process = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--model_path", str(SHIPPED_MODEL)],
-                                   cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"app.py exited early:\n{log.read_text()[-3000:]}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        process.kill()
-        pytest.fail(f"app.py did not start within 180 s:\n{log.read_text()[-3000:]}")
+    process, url = start_app(REPO, dict(os.environ), log, ("--model_path", str(SHIPPED_MODEL)))
     yield url
     process.terminate()
     process.wait(timeout=30)

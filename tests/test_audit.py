@@ -158,11 +158,15 @@ def test_near_duplicate_pairs_names_what_matched():
 
 
 @pytest.fixture(scope="module")
-def real_copies(real_data: Path, tmp_path_factory) -> Path:
-    """Kaggle layout: 2 real Train X-rays with modified copies, plus 2 unrelated real images in Test."""
+def real_copies(handful: Path, tmp_path_factory) -> Path:
+    """Kaggle layout: 2 real Train X-rays with modified copies, plus 2 unrelated real images in Test.
+
+    From the committed fixture: a knee (Hairline) and an ankle film photo (Spiral) as sources, whose
+    copies each pass both the hash and the embedding threshold; a pelvis and a knee as the others.
+    """
     root = tmp_path_factory.mktemp("real_copies")
-    sources = [sorted((real_data / c / "Train").iterdir())[3] for c in ("Hairline Fracture", "Spiral Fracture")]
-    others = [sorted((real_data / c / "Test").iterdir())[0] for c in ("Avulsion fracture", "Pathological fracture")]
+    sources = [sorted((handful / c / "Train").iterdir())[i] for c, i in (("Hairline Fracture", 2), ("Spiral Fracture", 0))]
+    others = [sorted((handful / c / "Test").iterdir())[0] for c in ("Avulsion fracture", "Pathological fracture")]
     for k, source in enumerate(sources):
         image = Image.open(source).convert("RGB")
         folder = root / f"Class{k}" / "Train"

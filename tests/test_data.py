@@ -128,6 +128,7 @@ def test_data_dir_precedence(monkeypatch, tmp_path):
     assert resolve_data_dir(tmp_path / "flag") == tmp_path / "flag"
 
 
+@pytest.mark.full_data  # the counts of all 1,129 images
 def test_real_dataset_counts_match_provenance(real_data):
     data = load_splits(real_data, check_images=False)
     assert data.layout == "kaggle" and len(data.labels) == 10
@@ -168,6 +169,7 @@ def test_grouped_manifest_gives_clean_test_and_its_validation(tmp_path):
         load_splits(root, split_manifest=tmp_path / "missing.csv")
 
 
+@pytest.mark.full_data  # the shipped manifest lists every file of the full dataset
 def test_shipped_manifest_matches_the_real_dataset(real_data):
     data = load_splits(real_data, check_images=False)
     assert data.grouped

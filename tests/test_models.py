@@ -26,12 +26,12 @@ def imagenet_top5(model, processor, image: Image.Image) -> list[str]:
 
 def test_efficientnet_lite0_weights_are_mapped_correctly():
     """The packaged ImageNet weights must recognise ImageNet things, or the mapping is wrong."""
-    import skimage.data
+    from bonebreak.calibration import PHOTOS_DIR
 
     model, processor = efficientnet_lite(0)
     assert preprocess_config_from_processor(processor).mean == (0.5, 0.5, 0.5)
-    coffee = imagenet_top5(model, processor, Image.fromarray(skimage.data.coffee()))
-    cat = imagenet_top5(model, processor, Image.fromarray(skimage.data.chelsea()))
+    coffee = imagenet_top5(model, processor, Image.open(PHOTOS_DIR / "coffee.jpg").convert("RGB"))
+    cat = imagenet_top5(model, processor, Image.open(PHOTOS_DIR / "chelsea.jpg").convert("RGB"))
     assert coffee[0] == "espresso"
     assert any("cat" in name for name in cat[:2])
 
@@ -95,3 +95,18 @@ def test_checkpoint_is_replaced_atomically_and_errors_name_the_file(tmp_path):
     (target / "config.json").write_text("{ not json")
     with pytest.raises(ModelLoadError, match="config.json is corrupt"):
         load_checkpoint(target)
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "tiny_vit", "tiny_convnext"])
+def test_temperature_folded_into_the_head_divides_the_logits(request, name):
+    from bonebreak.calibration import fold_temperature
+
+    model, _ = create_model(name if name.startswith("efficientnet") else str(request.getfixturevalue(name)), LABELS, image_size=64)
+    model.eval()
+    pixels = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        before = model(pixel_values=pixels).logits
+        assert fold_temperature(model, 1.7) and fold_temperature(model, 2.0)  # a recalibration folds on top
+        after = model(pixel_values=pixels).logits
+    assert torch.allclose(after, before / 3.4, atol=1e-5)
+    assert model.config.bonebreak_temperature == 1.0 and model.config.bonebreak_temperature_folded == pytest.approx(3.4)

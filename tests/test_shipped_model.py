@@ -32,17 +32,23 @@ def test_shipped_checkpoint_loads_with_pipeline_and_auto_classes():
     assert result[0]["score"] >= result[1]["score"] >= result[2]["score"]
 
 
-def test_our_predictor_agrees_with_the_pipeline():
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_pipeline_gives_the_calibrated_probabilities_of_the_app(backend):
+    """The temperature is folded into the head: pipeline() users get what the app and CLI show."""
     from transformers import pipeline
 
     from bonebreak.inference import Predictor
 
-    image = Image.open(REPO / "examples" / "greenstick_fracture.jpg").convert("RGB")
-    ours = Predictor.from_checkpoint(SHIPPED_MODEL, device="cpu", calibrated=False).predict(image)  # the pipeline knows no temperature
-    theirs = pipeline("image-classification", model=str(SHIPPED_MODEL), top_k=10)(image)
-    assert ours.top_label == theirs[0]["label"]
-    for row in theirs:
-        assert ours.probabilities[row["label"]] == pytest.approx(row["score"], abs=0.03)
+    config = json.loads((SHIPPED_MODEL / "config.json").read_text())
+    assert config["bonebreak_temperature"] == 1.0 and config["bonebreak_temperature_folded"] > 1.0
+    predictor = Predictor.from_checkpoint(SHIPPED_MODEL, device="cpu", backend=backend)
+    classifier = pipeline("image-classification", model=str(SHIPPED_MODEL), top_k=10)
+    for example in sorted((REPO / "examples").glob("*.jpg")):
+        image = Image.open(example).convert("RGB")
+        ours = predictor.predict(image).probabilities
+        theirs = {row["label"]: row["score"] for row in classifier(image)}
+        assert ours.keys() == theirs.keys()
+        assert max(abs(ours[label] - theirs[label]) for label in ours) <= 1e-5, example.name
 
 
 def test_model_card_states_clean_test_and_cross_validation():

@@ -14,7 +14,7 @@ import torch
 import pytest
 from PIL import Image
 
-from bonebreak.training import TrainArguments, class_weights, main, parse_args
+from bonebreak.training import TrainArguments, class_weights, main, parse_args, with_output_dir
 from conftest import REPO
 
 N_TRAIN, N_VAL, N_TEST = 20, 10, 10  # the handful: 3 train/class minus 1 carved for validation
@@ -36,7 +36,10 @@ def check_run(out: Path, expected_steps: int) -> dict:
     assert card.startswith("---\nlicense: cc-by-4.0") and "not a diagnostic device" in card
     assert f"| published Test split (leaks near-duplicates of Train: optimistic) | {N_TEST} | {metrics['test']['accuracy']:.3f}" in card
     calibration = json.loads((out / "calibration.json").read_text())
-    assert json.loads((out / "config.json").read_text())["bonebreak_temperature"] == calibration["temperature"] > 0
+    config = json.loads((out / "config.json").read_text())
+    # the temperature lives in the head's weights, so every loader gets calibrated probabilities
+    assert config["bonebreak_temperature"] == 1.0 and config["bonebreak_temperature_folded"] == calibration["temperature"] > 0
+    assert metrics["calibration"]["temperature_folded_into_head"] is True
     assert (out / "ood.safetensors").is_file() and (out / "reliability_validation.png").is_file()
     assert Image.open(out / "eval_test" / "confusion_matrix.png").size[0] > 400
     classifier = pipeline("image-classification", model=str(out), top_k=3)
@@ -68,7 +71,7 @@ def test_rerun_refuses_to_clobber_then_resumes(handful, tiny_vit, tmp_path):
     out = tmp_path / "vit"
     common = ["--data_dir", str(handful), "--model", str(tiny_vit), "--batch_size", "8", "--output_dir", str(out), "--num_workers", "0", "--no_evaluate_test"]
     main(common + ["--epochs", "1"])
-    with pytest.raises(ValueError, match="--resume.*--overwrite"):
+    with pytest.raises(ValueError, match="is not empty.*--overwrite_output_dir.*--resume"):
         main(common + ["--epochs", "2"])
     metrics = main(common + ["--epochs", "2", "--resume"])
     assert metrics["global_step"] == 6 and metrics["epochs_run"] == 2
@@ -82,9 +85,26 @@ def test_arguments_are_validated_with_the_flag_named():
         parse_args(["--batch_size", "0"])
     with pytest.raises(ValueError, match="--val_fraction"):
         TrainArguments(val_fraction=1.0)
-    args = parse_args(["--epochs", "50", "--batch_size", "32", "--learning_rate", "1e-3", "--seed", "7", "--resume"])
+    with pytest.raises(ValueError, match="--resume needs the --output_dir"):
+        parse_args(["--resume"])
+    args = parse_args(["--epochs", "50", "--batch_size", "32", "--learning_rate", "1e-3", "--seed", "7", "--resume", "--output_dir", "r"])
     assert (args.epochs, args.batch_size, args.learning_rate, args.seed, args.resume) == (50, 32, 1e-3, 7, True)
-    assert args.output_dir == "checkpoints/bone_break_model"
+    with pytest.raises(ValueError, match="--resume.*--overwrite_output_dir"):
+        parse_args(["--resume", "--output_dir", "r", "--overwrite_output_dir"])
+
+
+def test_default_output_is_a_new_run_folder_and_a_full_one_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = with_output_dir(parse_args(["--model", "google/vit-base-patch16-224"]))
+    assert args.output_dir.startswith(os.path.join("runs", "vit-base-patch16-224-20"))  # runs/<model>-<date>-<time>
+    assert parse_args([]).output_dir is None  # never the shipped checkpoints/bone_break_model by default
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "model.safetensors").write_text("a trained model")
+    with pytest.raises(ValueError, match=f"--output_dir {full} is not empty"):
+        with_output_dir(parse_args(["--output_dir", str(full)]))
+    assert with_output_dir(parse_args(["--output_dir", str(full), "--overwrite_output_dir"])).output_dir == str(full)
+    assert with_output_dir(parse_args(["--output_dir", str(tmp_path / "empty")])).output_dir == str(tmp_path / "empty")
 
 
 def test_class_weights_balance_the_loss():
@@ -105,7 +125,7 @@ def test_accelerate_multi_process_is_data_parallel(handful, tiny_vit, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["world_size"] == 2
     assert metrics["global_step"] == math.ceil(N_TRAIN / (4 * 2))  # a single process would take 5 steps
-    assert result.stderr.count("model saved to") == 1
+    assert result.stdout.count("Serve it:   python app.py --model_path") == 1  # one process writes and reports
     assert sorted(p.name for p in out.parent.iterdir()) == ["ddp", "ddp.trainer"]
     from bonebreak.models import load_checkpoint
     model, _ = load_checkpoint(out)

@@ -10,7 +10,7 @@ from bonebreak.cli import parse
 from bonebreak.images import DEFAULT_LIMITS, DecodeLimits
 from bonebreak.inference import BACKENDS, DEFAULT_UNSURE_BELOW, Predictor
 from bonebreak.models import SHIPPED_MODEL, ModelLoadError
-from bonebreak.ui import build_demo, launch
+from bonebreak.ui import build_demo, launch, serving_threads
 
 
 @dataclass
@@ -57,6 +57,7 @@ def main() -> None:
         predictor = Predictor.from_checkpoint(args.model_path, unsure_below=args.unsure_below, limits=args.decode_limits(), backend=args.backend)
     except (ModelLoadError, ValueError) as error:
         sys.exit(f"error: {error}")
+    logging.getLogger("app").info("PyTorch threads: %d", serving_threads(predictor))
     launch(build_demo(predictor), args.host, args.port, args.concurrency, args.max_upload_mb)
 
 

@@ -1,6 +1,6 @@
 """Speed of BoneBreak's own paths against bare baselines, measured side by side in one run.
 
-    python benchmarks/speed.py [--data_dir DIR] [--model_path checkpoints/bone_break_model]
+    python -m benchmarks.speed [--data_dir DIR] [--model_path checkpoints/bone_break_model] [--only_app]
 
 Prints, and writes to benchmarks/results/speed/<time>.json:
 - training: img/s of our Trainer path vs a bare PyTorch loop on the same model, batch, data
@@ -9,7 +9,10 @@ Prints, and writes to benchmarks/results/speed/<time>.json:
 - inference: latency p50/p95 of ``Predictor.predict`` (decode + preprocess + forward +
   softmax) vs a bare forward on a preloaded tensor (target <= 1.2x), on PyTorch eager and
   ONNX Runtime; ONNX Runtime vs PyTorch eager at batch 1 (target >= 2x);
-- the predict CLI's folder throughput (img/s, X-ray check included).
+- the predict CLI's folder throughput (img/s, X-ray check included);
+- the app: p50 of one request as the app serves it (decode + prediction + heat map + X-ray
+  check + the output picture) vs a bare ONNX forward of the classifier (target <= 2.5x), and
+  the first request of a freshly started app vs the median request (target <= 2x).
 Ratios are what to compare across machines; absolute numbers depend on the CPU and load.
 """
 
@@ -19,7 +22,6 @@ import argparse
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -28,26 +30,19 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 from transformers import TrainerCallback
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bonebreak.data import resolve_data_dir  # noqa: E402
-from bonebreak.evaluate import image_paths  # noqa: E402
-from bonebreak.export import ONNX_FILE, export_onnx  # noqa: E402
-from bonebreak.inference import Predictor  # noqa: E402
-from bonebreak.models import SHIPPED_MODEL, create_model  # noqa: E402
-from bonebreak.predict import predict_files  # noqa: E402
-from bonebreak.training import (  # noqa: E402
-    TrainArguments,
-    build_trainer,
-    class_weights,
-    make_loss,
-    model_inputs,
-    prepare_data,
-    resolve_precision,
-)
-from bonebreak.transforms import AugmentConfig, collate, preprocess_config_from_processor, train_transform  # noqa: E402
+from bonebreak.arguments import BoneBreakTrainingArguments, DataArguments, ModelArguments, resolve_precision
+from bonebreak.batch import predict_files
+from bonebreak.data import image_paths, load_splits, resolve_data_dir
+from bonebreak.inference import Predictor
+from bonebreak.models import SHIPPED_MODEL, create_model
+from bonebreak.onnx_backend import ONNX_FILE, export_onnx
+from bonebreak.recipe_extras import class_weights, make_loss
+from bonebreak.training import build_trainer, model_inputs, prepare_data
+from bonebreak.transforms import AugmentConfig, collate, preprocess_config_from_processor, train_transform
+from bonebreak.ui import Classifier, OutputImages, serving_threads
 
 
 def percentiles_ms(seconds: list[float]) -> dict[str, float]:
@@ -81,27 +76,33 @@ class StepTimer(TrainerCallback):
             control.should_training_stop = True
 
 
-def trainer_images_per_second(args: TrainArguments, data: Any, warmup: int, steps: int) -> float:
+Setup = tuple[ModelArguments, DataArguments, BoneBreakTrainingArguments]
+
+
+def trainer_images_per_second(setup: Setup, data: Any, warmup: int, steps: int) -> float:
+    model_args, data_args, args = setup
     torch.manual_seed(args.seed)
-    model, processor = create_model(args.model, data.labels, args.image_size)
-    trainer = build_trainer(args, data, model, processor)
+    model, processor = create_model(model_args.model, data.labels, model_args.image_size)
+    trainer = build_trainer(model_args, data_args, args, data, model, processor)
     timer = StepTimer(warmup, steps)
     trainer.add_callback(timer)
     trainer.train()
-    return steps * args.batch_size / (timer.marks[-1] - timer.marks[0])
+    return steps * args.per_device_train_batch_size / (timer.marks[-1] - timer.marks[0])
 
 
-def bare_images_per_second(args: TrainArguments, data: Any, warmup: int, steps: int) -> float:
+def bare_images_per_second(setup: Setup, data: Any, warmup: int, steps: int) -> float:
     """The same model, data pipeline, loss, optimizer and precision in a plain PyTorch loop."""
+    model_args, data_args, args = setup
     torch.manual_seed(args.seed)
-    model, processor = create_model(args.model, data.labels, args.image_size)
+    model, processor = create_model(model_args.model, data.labels, model_args.image_size)
     transform = train_transform(preprocess_config_from_processor(processor, model.config), AugmentConfig(policy=args.augment))
+    workers = args.dataloader_num_workers
     loader = torch.utils.data.DataLoader(
-        model_inputs(data.splits["train"], transform, args.cache_images), batch_size=args.batch_size, shuffle=True, drop_last=True,
-        collate_fn=collate, num_workers=args.num_workers, persistent_workers=args.num_workers > 0,
+        model_inputs(data.splits["train"], transform, data_args.cache_images), batch_size=args.per_device_train_batch_size,
+        shuffle=True, drop_last=True, collate_fn=collate, num_workers=workers, persistent_workers=workers > 0,
     )
-    weights = class_weights(data.splits["train"]["label"], len(data.labels)) if args.class_weighted_loss else None
-    loss_fn = make_loss(weights, args.label_smoothing)
+    weights = class_weights(list(data.splits["train"]["label"]), len(data.labels)) if args.class_weighted_loss else None
+    loss_fn = make_loss(weights, args.label_smoothing_factor)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     bf16 = resolve_precision(args.precision, torch.cuda.is_available()) == "bf16"
     model.train()
@@ -118,27 +119,31 @@ def bare_images_per_second(args: TrainArguments, data: Any, warmup: int, steps: 
                 marks.append(time.perf_counter())
             if len(marks) > steps:
                 break
-    return steps * args.batch_size / (marks[-1] - marks[0])
+    return steps * args.per_device_train_batch_size / (marks[-1] - marks[0])
 
 
 def training_section(data_dir: str, warmup: int, steps: int) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
-        args = TrainArguments(data_dir=data_dir, output_dir=str(Path(scratch) / "model"), epochs=100, early_stopping_patience=0,
-                              logging_steps=1000, overwrite_output_dir=True)
-        data = prepare_data(args)
+        model_args, data_args = ModelArguments(), DataArguments(data_dir=data_dir)
+        args = BoneBreakTrainingArguments(output_dir=str(Path(scratch) / "model"), num_train_epochs=100, early_stopping_patience=0,
+                                          logging_steps=1000, overwrite_output_dir=True)
+        setup = (model_args, data_args, args)
+        data = prepare_data(data_args, args.seed)
         runs: dict[str, float] = {}
         # Interleaved and repeated so a change in machine load hits both paths alike.
         for repeat in (1, 2):
-            runs[f"bare_loop_{repeat}"] = bare_images_per_second(args, data, warmup, steps)
-            runs[f"trainer_{repeat}"] = trainer_images_per_second(args, data, warmup, steps)
-        runs["bare_loop_streamed"] = bare_images_per_second(replace(args, cache_images=False), data, warmup, steps)
+            runs[f"bare_loop_{repeat}"] = bare_images_per_second(setup, data, warmup, steps)
+            runs[f"trainer_{repeat}"] = trainer_images_per_second(setup, data, warmup, steps)
+        runs["bare_loop_streamed"] = bare_images_per_second((model_args, replace(data_args, cache_images=False), args), data, warmup, steps)
         for workers in (0, 1):
-            runs[f"trainer_workers_{workers}"] = trainer_images_per_second(replace(args, num_workers=workers), data, warmup, steps)
+            runs[f"trainer_workers_{workers}"] = trainer_images_per_second(
+                (model_args, data_args, replace(args, dataloader_num_workers=workers)), data, warmup, steps)
     bare = (runs["bare_loop_1"] + runs["bare_loop_2"]) / 2
     ours = (runs["trainer_1"] + runs["trainer_2"]) / 2
     return {
-        "setup": {"model": args.model, "batch_size": args.batch_size, "precision": resolve_precision(args.precision, torch.cuda.is_available()),
-                  "num_workers": args.num_workers, "timed_steps": steps, "warmup_steps": warmup, "augment": args.augment},
+        "setup": {"model": model_args.model, "batch_size": args.per_device_train_batch_size,
+                  "precision": resolve_precision(args.precision, torch.cuda.is_available()),
+                  "num_workers": args.dataloader_num_workers, "timed_steps": steps, "warmup_steps": warmup, "augment": args.augment},
         "images_per_second": {k: round(v, 2) for k, v in runs.items()},
         "trainer_vs_bare_loop": round(ours / bare, 3),
         "decoded_cache_vs_streamed": round(bare / runs["bare_loop_streamed"], 3),
@@ -202,6 +207,52 @@ def folder_section(model_path: str, files: list[str]) -> dict:
     return {"images": len(files), "batch_size": 16, **result}
 
 
+# --- the app -----------------------------------------------------------------------------
+
+
+def app_section(model_path: str, files: list[str], rounds: int = 3) -> dict:
+    """A request as the app serves it (``Classifier``: decode, prediction, heat map, X-ray check,
+    output picture) against a bare ONNX Runtime forward of the classifier on a preloaded tensor;
+    and the first request of a freshly started app (start-up as ``app.py`` does it) vs the median."""
+    with tempfile.TemporaryDirectory() as scratch:
+        started = time.perf_counter()
+        predictor = Predictor.from_checkpoint(model_path, device="cpu", backend="onnx")
+        threads = torch.get_num_threads()
+        limits = threadpool_limits(limits=None)  # restores BLAS/OpenMP pools on exit
+        serving_threads(predictor)  # as app.py sets them
+        classify = Classifier(predictor, outputs=OutputImages(folder=Path(scratch)))
+        startup = time.perf_counter() - started
+        started = time.perf_counter()
+        classify(files[0], True)
+        first = time.perf_counter() - started
+        pixels = [predictor._batch([predictor.load(f)]) for f in files]
+        timings: dict[str, list[float]] = {}
+        per_round = []
+        for _ in range(rounds):  # interleaved, so a change in machine load hits both alike
+            medians = {}
+            for name, fn, inputs in [("bare_forward_onnx", predictor.onnx, pixels),
+                                     ("app_request", lambda f: classify(f, True), files)]:
+                seconds = time_calls(fn, inputs)
+                timings.setdefault(name, []).extend(seconds)
+                medians[name] = float(np.median(seconds))
+            per_round.append(medians)
+        torch.set_num_threads(threads)
+        limits.restore_original_limits()
+    ratios = [r["app_request"] / r["bare_forward_onnx"] for r in per_round]
+    median_request = float(np.median(timings["app_request"]))
+    return {
+        "images": len(files),
+        "rounds": rounds,
+        "startup_s": round(startup, 2),
+        "torch_threads_while_serving": 1 if predictor.backend == "onnx" else threads,
+        "latency": {name: percentiles_ms(s) for name, s in timings.items()},
+        "app_request_vs_bare_onnx_forward": {"median": round(float(np.median(ratios)), 2), "min": round(min(ratios), 2),
+                                             "max": round(max(ratios), 2), "target": 2.5},
+        "first_request_ms": round(first * 1e3, 1),
+        "first_request_vs_median_request": {"ratio": round(first / median_request, 2), "target": 2.0},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_dir", default=None, help="Dataset folder (default: $BONEBREAK_DATA, else data/bone-break).")
@@ -209,21 +260,25 @@ def main() -> None:
     parser.add_argument("--train_steps", type=int, default=12, help="Timed training steps per run (after warm-up).")
     parser.add_argument("--warmup_steps", type=int, default=3, help="Untimed steps first (worker start-up, allocator).")
     parser.add_argument("--skip_training", action="store_true", help="Only the inference benchmarks.")
+    parser.add_argument("--only_app", action="store_true", help="Only the app-request measurements (about a minute).")
     parser.add_argument("--out", default=None, help="JSON file (default: benchmarks/results/speed/<time>.json).")
     args = parser.parse_args()
     if args.train_steps < 2 or args.warmup_steps < 1:
         parser.error("--train_steps must be >= 2 and --warmup_steps >= 1")
 
     data_dir = str(resolve_data_dir(args.data_dir))
-    data = prepare_data(TrainArguments(data_dir=data_dir))
+    data = load_splits(data_dir)
     files = image_paths(data.splits["clean_test" if "clean_test" in data.splits else "validation"])
     report = {
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
                     "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
-        "inference": inference_section(args.model_path, files[:60]),
-        "cli_folder": folder_section(args.model_path, files),
+        # First, so that its "first request" is the first one this process serves.
+        "app": app_section(args.model_path, files[:30]),
     }
-    if not args.skip_training:
+    if not args.only_app:
+        report["inference"] = inference_section(args.model_path, files[:60])
+        report["cli_folder"] = folder_section(args.model_path, files)
+    if not args.skip_training and not args.only_app:
         report["training"] = training_section(data_dir, args.warmup_steps, args.train_steps)
     out = Path(args.out or f"benchmarks/results/speed/{time.strftime('%Y-%m-%dT%H%M%S')}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

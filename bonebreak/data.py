@@ -25,7 +25,18 @@ import datasets
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .images import ImageLoadError, is_image_file, load_image, to_rgb
+from .images import ImageLoadError, is_image_file, load_image
+from .splits import (
+    SPLITS,
+    DatasetError,
+    Sample,
+    carve_validation,
+    grouped_folds,
+    grouped_from_manifest,
+    manifest_path,
+    read_manifest_groups,
+    split_counts,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -40,21 +51,6 @@ SPLIT_ALIASES = {
     "test": "test",
     "testing": "test",
 }
-SPLITS = ("train", "validation", "test", "clean_test")
-DEFAULT_MANIFEST = Path(__file__).resolve().parent.parent / "splits" / "bone_break_manifest.csv"
-
-
-class DatasetError(ValueError):
-    """The data folder cannot be used; the message says what to fix."""
-
-
-@dataclass(frozen=True)
-class Sample:
-    path: Path
-    label: str
-    split: str  # one of SPLITS, or "test_leaked" (a published Test image with a near-copy in Train)
-
-
 def resolve_data_dir(option: str | os.PathLike | None = None) -> Path:
     """``--data_dir`` wins, then the BONEBREAK_DATA variable, then ``data/bone-break``."""
     chosen = option or os.environ.get(DATA_ENV_VAR) or DEFAULT_DATA_DIR
@@ -141,27 +137,6 @@ def drop_unreadable(samples: list[Sample], workers: int = 4) -> tuple[list[Sampl
     return good, broken
 
 
-def _carve_validation(train: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
-    """Stratified, seeded split of train into train/validation."""
-    from sklearn.model_selection import train_test_split
-
-    labels = [s.label for s in train]
-    counts = Counter(labels)
-    n_val = max(round(len(train) * fraction), len(counts))
-    stratify = labels if min(counts.values()) >= 2 and n_val <= len(train) - len(counts) else None
-    if stratify is None:
-        logger.warning("some class has fewer than 2 training images: validation split is not stratified")
-    kept, held_out = train_test_split(train, test_size=n_val, random_state=seed, stratify=stratify)
-    return [Sample(s.path, s.label, "train") for s in kept], [Sample(s.path, s.label, "validation") for s in held_out]
-
-
-def split_counts(samples: list[Sample]) -> dict[str, dict[str, int]]:
-    counts: dict[str, dict[str, int]] = {}
-    for sample in samples:
-        counts.setdefault(sample.split, Counter())[sample.label] += 1
-    return {split: dict(sorted(c.items())) for split, c in counts.items()}
-
-
 def split_counts_of(dataset: datasets.Dataset, labels: list[str]) -> dict[str, int]:
     counts = Counter(labels[i] for i in dataset["label"])
     return dict(sorted(counts.items()))
@@ -183,81 +158,30 @@ def to_dataset(samples: list[Sample], labels: list[str]) -> datasets.Dataset:
 
 
 class DecodedImages:
-    """A split decoded once into memory as RGB images, transformed on every access.
+    """A split as Trainer inputs: each file decoded by ``images.load_image`` (the decoder the app uses, so
+    DICOM, 16-bit PNG, size checks and downscaling behave the same), transformed on every access.
 
-    ``datasets`` decodes the JPEG again on every read (every epoch, in every worker); this
-    decodes it once (about 0.5 GB for this dataset's training split). Workers forked by the
-    DataLoader share the decoded pixels copy-on-write. Trainer accepts it as a map-style dataset.
+    With ``cache`` (the default) every image is decoded once into memory (about 0.5 GB for this
+    dataset's training split) instead of on every read; workers forked by the DataLoader share the
+    decoded pixels copy-on-write. ``targets``: soft training labels (distillation) instead of the classes.
     """
 
     def __init__(self, split: datasets.Dataset, transform: Callable[[Image.Image], Any], targets: Sequence[Any] | None = None,
-                 desc: str = "Decoding images") -> None:
-        self.images = [to_rgb(row["image"]) for row in tqdm(split, desc=desc, unit="img", leave=False)]
+                 cache: bool = True, desc: str = "Decoding images") -> None:
+        self.paths = image_paths(split)
+        self.images = [load_image(path) for path in tqdm(self.paths, desc=desc, unit="img", leave=False)] if cache else None
         self.labels = list(split["label"])  # class indices, also when training targets are soft
         self.targets = list(targets) if targets is not None else self.labels
-        if len(self.targets) != len(self.images):
-            raise ValueError(f"{len(self.targets)} training targets for {len(self.images)} images")
+        if len(self.targets) != len(self.paths):
+            raise ValueError(f"{len(self.targets)} training targets for {len(self.paths)} images")
         self.transform = transform
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.paths)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return {"pixel_values": self.transform(self.images[index]), "labels": self.targets[index]}
-
-
-def read_manifest(path: str | os.PathLike) -> dict[str, str]:
-    """relative path -> split, from a manifest written by ``python -m bonebreak.audit``."""
-    import csv
-
-    with open(path, newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    if not rows or not {"path", "split"} <= set(rows[0]):
-        raise DatasetError(f"{path}: not a split manifest (expected columns path,label,split[,group])")
-    return {row["path"]: row["split"] for row in rows}
-
-
-def read_manifest_groups(path: str | os.PathLike, root: Path) -> dict[Path, str]:
-    """absolute image path -> near-duplicate group id, from the manifest's ``group`` column."""
-    import csv
-
-    with open(path, newline="") as handle:
-        return {root / row["path"]: row.get("group") or row["path"] for row in csv.DictReader(handle)}
-
-
-def apply_manifest(samples: list[Sample], root: Path, manifest: dict[str, str], exact: bool = False) -> list[Sample] | None:
-    """Re-split samples as the manifest says, or None if it does not describe every file
-    (with ``exact``, also None if it lists files that are not there: a different folder)."""
-    relative = [s.path.relative_to(root).as_posix() for s in samples]
-    if not all(r in manifest for r in relative) or (exact and len(set(relative)) != len(manifest)):
-        return None
-    return [Sample(s.path, s.label, manifest[r]) for s, r in zip(samples, relative)]
-
-
-def _manifest_path(manifest: str | os.PathLike | None) -> Path | None:
-    if manifest is None or str(manifest).lower() == "none":
-        return None
-    return DEFAULT_MANIFEST if str(manifest) == "auto" else Path(manifest)
-
-
-def _grouped(samples: list[Sample], root: Path, manifest: str | os.PathLike | None) -> list[Sample] | None:
-    """Leak-free splits from a manifest: explicit path, "auto" (the shipped one if it fits) or None."""
-    path = _manifest_path(manifest)
-    if path is None:
-        return None
-    auto = str(manifest) == "auto"
-    if not path.is_file():
-        if auto:
-            return None
-        raise DatasetError(f"--split_manifest {path} does not exist (write one with `python -m bonebreak.audit`)")
-    grouped = apply_manifest(samples, root, read_manifest(path), exact=auto)
-    if grouped is None:
-        if auto:
-            logger.info("%s does not describe %s: carving a stratified validation split instead", path, root)
-            return None
-        raise DatasetError(f"--split_manifest {path} does not list every image under {root}; rerun `python -m bonebreak.audit`")
-    logger.info("using the leak-free grouped splits of %s", path)
-    return grouped
+        image = self.images[index] if self.images is not None else load_image(self.paths[index])
+        return {"pixel_values": self.transform(image), "labels": self.targets[index]}
 
 
 @dataclass
@@ -293,7 +217,7 @@ def load_splits(
     samples = scan_folder(root)
     if not samples:
         raise DatasetError(f"{root}: no image files found (looked for {', '.join(sorted({'.jpg', '.png', '.dcm'}))} ...)")
-    grouped = _grouped(samples, root, split_manifest)
+    grouped = grouped_from_manifest(samples, root, split_manifest)
     samples = grouped or samples
     broken: list[tuple[Path, str]] = []
     if check_images:
@@ -308,7 +232,7 @@ def load_splits(
     if not by_split["train"]:
         raise DatasetError(f"{root}: no training images found")
     if not by_split["validation"]:
-        by_split["train"], by_split["validation"] = _carve_validation(by_split["train"], val_fraction, seed)
+        by_split["train"], by_split["validation"] = carve_validation(by_split["train"], val_fraction, seed)
     samples = [s for split in SPLITS for s in by_split[split]]
     counts = split_counts(samples)
     _log_counts(counts)
@@ -316,4 +240,70 @@ def load_splits(
         {split: to_dataset(items, labels) for split, items in by_split.items() if items}
     )
     return LoadedData(splits, labels, counts, broken, detect_layout(root), grouped=bool(grouped), root=root,
-                      manifest=_manifest_path(split_manifest) if grouped else None)
+                      manifest=manifest_path(split_manifest) if grouped else None)
+
+
+def label_index_map(data_labels: list[str], model_labels: list[str]) -> list[int]:
+    """For each dataset label index, the model's index of the same label."""
+    missing = [label for label in data_labels if label not in model_labels]
+    if missing:
+        raise ValueError(f"the dataset has classes the model does not know: {missing}; model labels: {model_labels}")
+    return [model_labels.index(label) for label in data_labels]
+
+
+def image_paths(dataset: datasets.Dataset) -> list[str]:
+    return [item["path"] for item in dataset.cast_column("image", datasets.Image(decode=False))["image"]]
+
+
+def one_per_group(dataset: datasets.Dataset, data: LoadedData) -> datasets.Dataset:
+    """Keep the first image (in path order) of every near-duplicate group of the manifest."""
+    if not data.grouped:
+        raise ValueError("--dedup_groups needs the grouped split manifest (--split_manifest, see `python -m bonebreak.audit`)")
+    group_of = read_manifest_groups(data.manifest, data.root)
+    paths = image_paths(dataset)
+    first: dict[str, int] = {}
+    for i in sorted(range(len(paths)), key=paths.__getitem__):
+        first.setdefault(group_of[Path(paths[i])], i)
+    return dataset.select(sorted(first.values()))
+
+
+def cv_fold_data(data: LoadedData, k: int, seed: int) -> list[LoadedData]:
+    """Grouped, stratified k folds over the Train folder (train + validation of the manifest)."""
+    if not data.grouped:
+        raise ValueError("--cv_folds needs the grouped split manifest (--split_manifest, see `python -m bonebreak.audit`)")
+    pool = datasets.concatenate_datasets([data.splits["train"], data.splits["validation"]])
+    paths = [Path(p) for p in image_paths(pool)]
+    group_of = read_manifest_groups(data.manifest, data.root)
+    labels = [data.labels[i] for i in pool["label"]]
+    samples = [Sample(path, label, "train") for path, label in zip(paths, labels)]
+    members: dict[str, list[int]] = {}
+    for i, path in enumerate(paths):
+        members.setdefault(group_of[path], []).append(i)
+    fold_of = grouped_folds(samples, list(members.values()), k=k, seed=seed)
+    folds = []
+    for fold in range(k):
+        held_out = [i for i, p in enumerate(paths) if fold_of[p] == fold]
+        kept = [i for i, p in enumerate(paths) if fold_of[p] != fold]
+        splits = datasets.DatasetDict({"train": pool.select(kept), "validation": pool.select(held_out)})
+        counts = {name: split_counts_of(ds, data.labels) for name, ds in splits.items()}
+        folds.append(LoadedData(splits, data.labels, counts, data.broken, data.layout, grouped=True))
+    return folds
+
+
+def training_splits(
+    data_dir: str | os.PathLike | None, *, val_fraction: float, seed: int, split_manifest: str | os.PathLike | None,
+    dedup_groups: bool, max_train_samples: int | None,
+) -> LoadedData:
+    """The splits a training run uses: ``load_splits``, then optionally one image per near-duplicate
+    group and the first ``max_train_samples`` shuffled training images (only train is thinned)."""
+    data = load_splits(resolve_data_dir(data_dir), val_fraction=val_fraction, seed=seed, split_manifest=split_manifest)
+    if dedup_groups:
+        before = len(data.splits["train"])
+        data.splits["train"] = one_per_group(data.splits["train"], data)
+        data.counts["train"] = split_counts_of(data.splits["train"], data.labels)
+        logger.info("--dedup_groups: %d of %d training images kept (one per near-duplicate group)", len(data.splits["train"]), before)
+    if max_train_samples:
+        train = data.splits["train"].shuffle(seed=seed)
+        data.splits["train"] = train.select(range(min(max_train_samples, len(train))))
+        data.counts["train"] = split_counts_of(data.splits["train"], data.labels)
+    return data

@@ -2,9 +2,10 @@
 
 ``Predictor.from_checkpoint(path)`` loads a checkpoint; ``predict(image)`` decodes,
 preprocesses, runs the model and returns calibrated probabilities per label;
-``grad_cam(image)`` shows where the model looked. The forward pass runs on PyTorch or, on CPU,
-on the checkpoint's ONNX copy (``backend="auto"|"torch"|"onnx"``); preprocessing is the same
-Python code either way.
+``analyse(image)`` also returns where the model looked, from the same forward pass. The forward
+pass runs on PyTorch or, on CPU, on the checkpoint's ONNX copy (``backend="auto"|"torch"|"onnx"``);
+preprocessing is the same Python code either way. Every method accepts an image that
+``Predictor.load`` already decoded and does not decode it again.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -19,9 +21,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .calibration import TEMPERATURE_KEY, ImageEmbedder, OODDetector
+from .calibration import TEMPERATURE_KEY
 from .images import DEFAULT_LIMITS, DecodeLimits, ImageSource, load_image
 from .models import load_checkpoint
+from .onnx_backend import LogitsAndFeatures, linear_cam_head, select_onnx
+from .ood import ImageEmbedder, OODDetector
 from .transforms import PreprocessConfig, eval_transform, preprocess_config_from_processor
 
 DEFAULT_UNSURE_BELOW = 0.5
@@ -59,6 +63,16 @@ class Prediction:
         return dict(list(self.probabilities.items())[:k])
 
 
+@dataclass(frozen=True)
+class Analysis:
+    """One image, one forward pass: the prediction and, when asked for, where the model looked."""
+
+    prediction: Prediction
+    view: Image.Image  # the picture the model saw (resized, cropped; normalisation undone)
+    heatmap: np.ndarray | None = None  # 0..1, the view's size; None when not asked for
+    heatmap_label: str | None = None  # the class the heat map is for
+
+
 def pick_device(device: str | None = None) -> torch.device:
     if device:
         return torch.device(device)
@@ -91,11 +105,31 @@ class Predictor:
         config = model.config
         self.labels = [config.id2label[i] for i in range(config.num_labels)]
         self.temperature = temperature
-        self.ood = ood
         self.tta = tta  # average the logits of the image and its mirror image
-        self.embedder: ImageEmbedder | None = None  # loaded on first use of the X-ray check
-        self.onnx = onnx  # pixels -> logits on ONNX Runtime; the PyTorch model still serves Grad-CAM
+        self.onnx = onnx  # pixels -> logits (and the feature map) on ONNX Runtime
         self.backend = "onnx" if onnx is not None else "torch"
+        # A pooled linear head makes the heat map a by-product of the forward pass (CAM): its class
+        # weights are read once here; other heads (ViT tokens, ...) get Grad-CAM, forward + backward.
+        head = linear_cam_head(self.model)
+        self.cam_weights = None if head is None else head.weight.detach().float().cpu().numpy()
+        self._with_features = None if head is None else LogitsAndFeatures(self.model).eval()
+        self._decoded: weakref.WeakValueDictionary[int, Image.Image] = weakref.WeakValueDictionary()
+        self.embedder: ImageEmbedder | None = None
+        self._shared_input = False
+        self.ood = ood  # builds the X-ray check's embedder now, at start-up, not on the first request
+
+    @property
+    def ood(self) -> OODDetector | None:
+        return self._ood
+
+    @ood.setter
+    def ood(self, detector: OODDetector | None) -> None:
+        self._ood = detector
+        if detector is not None and (self.embedder is None or self.embedder.embedding.name != detector.embedding):
+            self.embedder = ImageEmbedder(onnx=self.onnx is not None, embedding=detector.embedding)
+            # The classifier's input serves the X-ray check too when both preprocess alike (the shipped model does).
+            probe = Image.fromarray(np.random.default_rng(0).integers(0, 256, (150, 230, 3), dtype=np.uint8))
+            self._shared_input = torch.equal(self.transform(probe), self.embedder.transform(probe))
 
     @classmethod
     def from_checkpoint(
@@ -113,7 +147,7 @@ class Predictor:
             kwargs.setdefault("temperature", float(getattr(model.config, TEMPERATURE_KEY, None) or 1.0))
             kwargs.setdefault("ood", OODDetector.load(path))
         preprocess = preprocess_config_from_processor(processor, model.config)
-        predictor = cls(model, preprocess, device=device, onnx=onnx_forward(path, backend, device), **kwargs)
+        predictor = cls(model, preprocess, device=device, onnx=select_onnx(path, backend, pick_device(device).type == "cpu"), **kwargs)
         logger.info("%s: %s", path, predictor.backend_description)
         return predictor
 
@@ -125,7 +159,12 @@ class Predictor:
         return f"inference backend PyTorch ({self.device})"
 
     def load(self, source: ImageSource) -> Image.Image:
-        return load_image(source, self.limits)
+        """Decode with ``load_image``; an image this Predictor decoded before is handed back as it is."""
+        if isinstance(source, Image.Image) and self._decoded.get(id(source)) is source:
+            return source
+        image = load_image(source, self.limits)
+        self._decoded[id(image)] = image
+        return image
 
     def _batch(self, images: Sequence[Image.Image]) -> torch.Tensor:
         return torch.stack([self.transform(image) for image in images]).to(self.device)
@@ -136,13 +175,23 @@ class Predictor:
             return self.onnx(pixels)
         return self.model(pixel_values=pixels).logits.float()
 
+    def forward_with_features(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and the last feature map (B, C, H, W) from one forward pass (pooled linear heads only)."""
+        if self._with_features is None:
+            raise ValueError("this model's head is not a linear layer on pooled features: use grad_cam")
+        if "features" in getattr(self.onnx, "output_names", ()):
+            outputs = self.onnx.outputs(pixels)
+            return outputs["logits"], outputs["features"]
+        with torch.inference_mode():  # PyTorch, or a model.onnx exported without the feature map
+            logits, features = self._with_features(pixels)
+        return logits.float(), features.float()
+
     @torch.inference_mode()
     def logits(self, images: Sequence[ImageSource], batch_size: int = 16) -> np.ndarray:
         """Raw logits (n_images, n_labels) for images or paths, decoded in batches."""
         chunks = []
         for start in range(0, len(images), batch_size):
-            decoded = [self.load(image) for image in images[start : start + batch_size]]
-            pixels = self._batch(decoded)
+            pixels = self._batch([self.load(image) for image in images[start : start + batch_size]])
             logits = self.forward(pixels)
             if self.tta:
                 logits = (logits + self.forward(pixels.flip(-1))) / 2
@@ -151,15 +200,16 @@ class Predictor:
 
     def probabilities(self, images: Sequence[ImageSource], batch_size: int = 16) -> np.ndarray:
         """Calibrated softmax probabilities (n_images, n_labels)."""
-        return torch.softmax(torch.from_numpy(self.logits(images, batch_size)) / self.temperature, dim=-1).numpy()
+        return self._softmax(self.logits(images, batch_size))
+
+    def _softmax(self, logits: np.ndarray) -> np.ndarray:
+        return torch.softmax(torch.as_tensor(logits, dtype=torch.float32) / self.temperature, dim=-1).numpy()
 
     def ood_scores(self, images: Sequence[ImageSource]) -> np.ndarray | None:
         """Distance of each image to the training X-rays (None without a fitted X-ray check)."""
         if self.ood is None:
             return None
-        if self.embedder is None:
-            self.embedder = ImageEmbedder(onnx=self.onnx is not None)
-        return self.ood.scores(self.embedder([self.load(image) for image in images]))
+        return self.ood.scores(self.embedder(list(images), load=self.load))
 
     def predictions(self, images: Sequence[ImageSource], batch_size: int = 16) -> list[Prediction]:
         decoded = [self.load(image) for image in images]
@@ -180,33 +230,107 @@ class Predictor:
         """Decode one image (path, bytes, PIL or array) and classify it."""
         return self.predictions([source])[0]
 
-    def grad_cam(self, source: ImageSource, label: str | None = None) -> tuple[Image.Image, np.ndarray]:
-        """Grad-CAM on the last feature map; returns (model's view of the image, heat map 0..1).
+    def analyse(self, source: ImageSource, heatmap: bool = True, label: str | None = None) -> Analysis:
+        """Decode once, classify, and (``heatmap``) say where the model looked, all from one forward pass.
 
-        CNNs give a (C, H, W) feature map; transformers give tokens, which are laid back on
-        their square patch grid (leading class/register tokens dropped).
+        The heat map is for ``label``, else for the predicted class. For a pooled linear head it is
+        CAM, computed from the forward pass's own feature map (equal to Grad-CAM for such heads);
+        other heads get Grad-CAM, a PyTorch forward and backward (which, on the PyTorch backend,
+        is also the forward that classifies).
         """
         image = self.load(source)
-        view = self.transform(image)
-        pixels = view.unsqueeze(0).to(self.device)
+        pixels = self._batch([image])
+        cam = target = None
+        if heatmap and self.cam_weights is not None:
+            logits, features = self.forward_with_features(pixels)
+        elif heatmap and self.onnx is None:
+            logits, features, target, cam = self._grad_cam(pixels, label)
+        else:
+            with torch.inference_mode():
+                logits = self.forward(pixels)
+        with torch.inference_mode():
+            if self.tta:
+                logits = (logits + self.forward(pixels.flip(-1))) / 2
+        probs = self._softmax(logits.detach().cpu().numpy())[0]
+        scores = None if self.ood is None else self.ood.scores(
+            self.embedder.embed(pixels.cpu()) if self._shared_input else self.embedder([image], load=self.load))
+        prediction = self.to_prediction(probs, None if scores is None else scores[0])
+        if heatmap:
+            target = self.labels.index(label) if label else int(probs.argmax()) if target is None else target
+            if self.cam_weights is not None:
+                cam = class_activation_map(features[0].cpu().numpy(), self.cam_weights[target])
+            elif cam is None:  # ONNX backend, other head: Grad-CAM on the PyTorch model
+                *_, target, cam = self._grad_cam(pixels, self.labels[target])
+            cam = upsample(cam, pixels.shape[-2:])
+        return Analysis(prediction, self.view(pixels[0]), cam, None if cam is None else self.labels[target])
+
+    def grad_cam(self, source: ImageSource, label: str | None = None) -> tuple[Image.Image, np.ndarray]:
+        """Classic Grad-CAM (forward + backward) on the last feature map: (model's view, heat map 0..1).
+
+        For a pooled linear head it equals ``analyse``'s CAM; kept as the reference and for other heads.
+        """
+        pixels = self._batch([self.load(source)])
+        *_, cam = self._grad_cam(pixels, label)
+        return self.view(pixels[0]), upsample(cam, pixels.shape[-2:])
+
+    def _grad_cam(self, pixels: torch.Tensor, label: str | None) -> tuple[torch.Tensor, torch.Tensor, int, np.ndarray]:
+        """(logits, features, target class, unnormalised Grad-CAM at feature resolution).
+
+        timm-backed models: the feature map that feeds the head; transformers models: the last
+        hidden state, whose tokens are laid back on their square patch grid (leading class/register
+        tokens dropped).
+        """
         with torch.enable_grad():
-            outputs = self.model(pixel_values=pixels, output_hidden_states=True)
-            target = self.labels.index(label) if label else int(outputs.logits[0].argmax())
-            features = outputs.hidden_states[-1]
-            (gradients,) = torch.autograd.grad(outputs.logits[0, target], features)
-        features, gradients = features.detach()[0].float(), gradients[0].float()
-        if features.ndim == 2:  # tokens: (T, C) -> (C, g, g)
-            grid = int(math.isqrt(features.shape[0]))
-            features = features[-grid * grid :].T.reshape(-1, grid, grid)
+            timm_model = getattr(self.model, "timm_model", None)
+            if timm_model is not None:
+                features = timm_model.forward_features(pixels)
+                logits = timm_model.forward_head(features)
+            else:
+                outputs = self.model(pixel_values=pixels, output_hidden_states=True)
+                logits, features = outputs.logits, outputs.hidden_states[-1]
+            target = self.labels.index(label) if label else int(logits[0].argmax())
+            (gradients,) = torch.autograd.grad(logits[0, target], features)
+        maps, gradients = features.detach()[0].float(), gradients[0].float()
+        if maps.ndim == 2:  # tokens: (T, C) -> (C, g, g)
+            grid = int(math.isqrt(maps.shape[0]))
+            maps = maps[-grid * grid :].T.reshape(-1, grid, grid)
             gradients = gradients[-grid * grid :].T.reshape(-1, grid, grid)
         weights = gradients.mean(dim=(1, 2), keepdim=True)
-        cam = torch.relu((weights * features).sum(dim=0))
-        cam = torch.nn.functional.interpolate(cam[None, None], size=pixels.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
-        cam = cam / cam.max() if float(cam.max()) > 0 else cam
-        mean = torch.tensor(self.preprocess.mean).view(3, 1, 1)
-        std = torch.tensor(self.preprocess.std).view(3, 1, 1)
-        view_rgb = ((view * std + mean).clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
-        return Image.fromarray(view_rgb), cam.cpu().numpy()
+        cam = torch.relu((weights * maps).sum(dim=0))
+        return logits.detach().float(), features.detach(), target, cam.cpu().numpy()
+
+    def view(self, pixels: torch.Tensor) -> Image.Image:
+        """The preprocessed (3, H, W) tensor as the picture the model saw."""
+        mean, std = np.asarray(self.preprocess.mean, dtype=np.float32), np.asarray(self.preprocess.std, dtype=np.float32)
+        rgb = np.clip(pixels.detach().cpu().numpy().transpose(1, 2, 0) * std + mean, 0, 1)
+        return Image.fromarray((rgb * 255).astype(np.uint8))
+
+
+def class_activation_map(features: np.ndarray, class_weights: np.ndarray) -> np.ndarray:
+    """CAM: relu(sum_c w[c] * features[c]) for a (C, H, W) feature map and one class's (C,) head weights."""
+    return np.maximum(np.tensordot(class_weights, features, axes=1), 0.0)
+
+
+def upsample(cam: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """A feature-resolution map resized to the model's input and scaled to 0..1.
+
+    Bilinear with half-pixel centres, exactly as ``torch.nn.functional.interpolate(...,
+    align_corners=False)``, in numpy: a few small matrix products, no thread pool to wake.
+    """
+    resized = _bilinear(size[0], cam.shape[0]) @ np.asarray(cam, dtype=np.float64) @ _bilinear(size[1], cam.shape[1]).T
+    top = float(resized.max())
+    return (resized / top if top > 0 else resized).astype(np.float32)
+
+
+def _bilinear(out: int, size: int) -> np.ndarray:
+    """The (out, size) matrix of 1-D bilinear interpolation weights (source index clamped at 0 and size - 1)."""
+    source = np.maximum((np.arange(out) + 0.5) * size / out - 0.5, 0.0)
+    low = np.minimum(source.astype(int), size - 1)
+    high = np.minimum(low + 1, size - 1)
+    matrix = np.zeros((out, size))
+    np.add.at(matrix, (np.arange(out), low), 1.0 - (source - low))
+    np.add.at(matrix, (np.arange(out), high), source - low)
+    return matrix
 
 
 class Ensemble:
@@ -215,37 +339,11 @@ class Ensemble:
     def __init__(self, folders: Sequence[str | os.PathLike], device: str | None = "cpu") -> None:
         if not folders:
             raise ValueError("an ensemble needs at least one checkpoint folder")
-        self.members = [Predictor.from_checkpoint(folder, device=device, backend="auto") for folder in folders]
+        # Members only classify: no X-ray check (and so no embedder) each.
+        self.members = [Predictor.from_checkpoint(folder, device=device, backend="auto", ood=None) for folder in folders]
         self.labels = self.members[0].labels
         if any(member.labels != self.labels for member in self.members):
             raise ValueError(f"ensemble members must share one label list: {[str(f) for f in folders]}")
 
     def probabilities(self, images: Sequence[ImageSource], batch_size: int = 16) -> np.ndarray:
         return np.mean([member.probabilities(images, batch_size) for member in self.members], axis=0)
-
-
-def onnx_forward(path: str | os.PathLike, backend: str, device: str | None) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """The ONNX Runtime forward for ``backend`` ("auto" falls back to torch with the reason logged)."""
-    from .export import OnnxUnavailable, load_onnx
-
-    if backend == "torch":
-        return None
-    if pick_device(device).type != "cpu":
-        if backend == "onnx":
-            raise ValueError("--backend onnx runs on CPU only; use --backend torch (or auto) on a GPU")
-        return None
-    try:
-        return load_onnx(path)
-    except OnnxUnavailable as error:
-        if backend == "onnx":
-            raise ValueError(str(error)) from error
-        logger.info("using PyTorch, not ONNX Runtime: %s", error)
-        return None
-
-
-def overlay_heatmap(view: Image.Image, cam: np.ndarray, alpha: float = 0.45) -> Image.Image:
-    """Blend a 0..1 heat map (jet colours) over the image the model saw."""
-    from matplotlib import colormaps
-
-    colours = (colormaps["jet"](cam)[..., :3] * 255).astype(np.uint8)
-    return Image.blend(view.convert("RGB"), Image.fromarray(colours).resize(view.size), alpha)

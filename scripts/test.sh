@@ -13,4 +13,5 @@ fi
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -r requirements-dev.txt
+.venv/bin/python -m pip install -q --no-deps -e .   # the package itself, so nothing edits sys.path
 HF_HUB_OFFLINE=1 .venv/bin/python -m pytest "$@"

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -139,3 +141,56 @@ def start_app(cwd: Path, env: dict[str, str], log: Path, args: tuple[str, ...] =
             time.sleep(0.5)
     process.kill()
     pytest.fail(f"app.py did not start within {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+
+
+def make_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2") -> Path:
+    """A minimal 12-bit-in-16 grayscale DICOM file (uncompressed) with the given pixels."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "CR"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def gradient16(h: int = 64, w: int = 80, top: int = 4095) -> np.ndarray:
+    """A left-dark, right-bright 16-bit ramp (12-bit values by default)."""
+    return (np.tile(np.linspace(0, top, w), (h, 1))).astype(np.uint16)
+
+
+def write_manifest(root: Path, path: Path, leaked: set[str] = frozenset(), validation: set[str] = frozenset()) -> Path:
+    """A split manifest (path,label,split,group) for a Kaggle-layout folder: pairs of files share a group."""
+    from bonebreak.data import clean_label
+
+    rows = ["path,label,split,group"]
+    for i, file in enumerate(sorted(p for p in root.rglob("*") if p.is_file())):
+        relative = file.relative_to(root).as_posix()
+        label = clean_label(relative.split("/")[0])
+        if "/Test/" in relative:
+            split = "test_leaked" if relative in leaked else "clean_test"
+        else:
+            split = "validation" if relative in validation else "train"
+        rows.append(f"{relative},{label},{split},{i // 2}")
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A valid 1-bit PNG header claiming huge dimensions, tiny on disk."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    row = b"\x00" + b"\x00" * ((width + 7) // 8)
+    compressed = zlib.compress(row * 64, 9)  # only a few rows: never decoded anyway
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", compressed) + chunk(b"IEND", b"")

@@ -13,10 +13,10 @@ import gradio as gr
 import pytest
 from PIL import Image
 
+from bonebreak.images import load_image
 from bonebreak.inference import Predictor
 from bonebreak.ui import NOT_XRAY, Classifier, OutputImages, build_demo, describe, example_files, fracture_info
-from conftest import REPO, SHIPPED_MODEL, start_app, synthetic_xray
-from test_images import _bomb_png, gradient16, make_dicom
+from conftest import REPO, SHIPPED_MODEL, bomb_png, gradient16, make_dicom, start_app, synthetic_xray
 
 UPLOAD = "#upload input[type=file]"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -58,7 +58,7 @@ def bad_inputs(folder: Path) -> dict[str, Path]:
     buffer = io.BytesIO()
     synthetic_xray(13, size=(300, 300)).save(buffer, format="JPEG")
     contents = {"empty.jpg": b"", "text.jpg": b"just text" * 50, "page.png": b"<html><script>x()</script></html>",
-                "cut.jpg": buffer.getvalue()[:3000], "bomb.png": _bomb_png(30000, 30000),
+                "cut.jpg": buffer.getvalue()[:3000], "bomb.png": bomb_png(30000, 30000),
                 "broken.dcm": b"\x00" * 128 + b"DICM" + b"\x01" * 64}
     for name, data in contents.items():
         (folder / name).write_bytes(data)
@@ -107,6 +107,21 @@ def test_not_an_xray_gets_no_fracture_type(trained_vit):
     predictor.ood.threshold = -1.0  # everything is unlike the training X-rays
     labels, text, image = Classifier(predictor)(str(REPO / "examples" / "spiral_fracture.jpg"), False)
     assert labels == {} and text == NOT_XRAY and Path(image).is_file()
+
+
+def test_a_request_decodes_once_and_the_xray_check_is_ready_before_it(monkeypatch, tmp_path):
+    import bonebreak.inference as inference
+
+    predictor = Predictor.from_checkpoint(SHIPPED_MODEL, device="cpu", backend="onnx")
+    assert predictor.embedder is not None  # built at start-up, not by the first visitor
+    assert predictor._shared_input  # the shipped model's input serves the X-ray check too (average-pooled to its size)
+    decoded = []
+    monkeypatch.setattr(inference, "load_image", lambda *args: decoded.append(args) or load_image(*args))
+    example = str(REPO / "examples" / "spiral_fracture.jpg")
+    labels, _, shown = Classifier(predictor, outputs=OutputImages(folder=tmp_path))(example, True)
+    assert len(decoded) == 1 and len(labels) == 3 and Path(shown).is_file()
+    analysis = predictor.analyse(example)
+    assert analysis.prediction.ood_score == pytest.approx(float(predictor.ood_scores([example])[0]), abs=1e-5)
 
 
 def test_output_images_are_content_named_and_written_whole(tmp_path):

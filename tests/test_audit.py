@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageOps
 
-from bonebreak.audit import (
+from bonebreak.audit import main
+from bonebreak.data import DatasetError, scan_folder
+from bonebreak.duplicates import (
     DEFAULT_COSINE_THRESHOLD,
     DEFAULT_HASH_THRESHOLD,
     connected_groups,
@@ -20,15 +22,12 @@ from bonebreak.audit import (
     dihedral,
     exact_hash,
     extract_features,
-    grouped_folds,
-    grouped_splits,
     hash_distance,
     hash_distance_matrix,
     image_hashes,
-    main,
     near_duplicate_pairs,
 )
-from bonebreak.data import DatasetError, Sample, scan_folder
+from bonebreak.splits import Sample, grouped_folds, grouped_splits
 from conftest import synthetic_xray
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from bonebreak.data import DatasetError, clean_label, detect_layout, load_splits, resolve_data_dir
-from conftest import write_image
+from conftest import write_image, write_manifest
 
 CLASSES = ["Hairline Fracture", "Avulsion fracture", "Fracture Dislocation"]
 CLEAN = ["Avulsion", "Fracture Dislocation", "Hairline"]
@@ -135,20 +135,6 @@ def test_real_dataset_counts_match_provenance(real_data):
     assert sum(data.counts["test"].values()) == 140
     assert sum(data.counts["train"].values()) + sum(data.counts["validation"].values()) == 989
     assert data.counts["test"]["Hairline"] == 10 and data.counts["test"]["Fracture Dislocation"] == 19
-
-
-def write_manifest(root: Path, path: Path, leaked: set[str] = frozenset(), validation: set[str] = frozenset()) -> Path:
-    rows = ["path,label,split,group"]
-    for i, file in enumerate(sorted(p for p in root.rglob("*") if p.is_file())):
-        relative = file.relative_to(root).as_posix()
-        label = clean_label(relative.split("/")[0])
-        if "/Test/" in relative:
-            split = "test_leaked" if relative in leaked else "clean_test"
-        else:
-            split = "validation" if relative in validation else "train"
-        rows.append(f"{relative},{label},{split},{i // 2}")  # pairs of files share a group
-    path.write_text("\n".join(rows) + "\n")
-    return path
 
 
 def test_grouped_manifest_gives_clean_test_and_its_validation(tmp_path):

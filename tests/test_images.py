@@ -3,40 +3,13 @@
 from __future__ import annotations
 
 import io
-import zlib
-import struct
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from bonebreak.images import DecodeLimits, ImageLoadError, load_image
-from conftest import synthetic_xray
-
-
-def make_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2") -> Path:
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid, SecondaryCaptureImageStorage
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "CR"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = pixels.astype(np.uint16).tobytes()
-    ds.save_as(path, enforce_file_format=True)
-    return path
-
-
-def gradient16(h: int = 64, w: int = 80, top: int = 4095) -> np.ndarray:
-    return (np.tile(np.linspace(0, top, w), (h, 1))).astype(np.uint16)
+from conftest import bomb_png, gradient16, make_dicom, synthetic_xray
 
 
 def test_jpeg_and_png_roundtrip(tmp_path):
@@ -108,20 +81,10 @@ def test_large_scan_is_downscaled(tmp_path):
     assert max(image.size) == 1024 and image.size[0] > image.size[1]
 
 
-def _bomb_png(width: int, height: int) -> bytes:
-    """A valid 1-bit PNG header claiming huge dimensions, tiny on disk."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    row = b"\x00" + b"\x00" * ((width + 7) // 8)
-    compressed = zlib.compress(row * 64, 9)  # only a few rows: never decoded anyway
-    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", compressed) + chunk(b"IEND", b"")
-
-
 @pytest.mark.parametrize("size", [(30000, 30000), (9000, 9000)])
 def test_decompression_bomb_is_refused(tmp_path, size):
     path = tmp_path / "bomb.png"
-    path.write_bytes(_bomb_png(*size))
+    path.write_bytes(bomb_png(*size))
     assert path.stat().st_size < 100_000
     with pytest.raises(ImageLoadError, match="bomb.png.*(refused|implausibly large)"):
         load_image(path)

@@ -26,7 +26,7 @@ def imagenet_top5(model, processor, image: Image.Image) -> list[str]:
 
 def test_efficientnet_lite0_weights_are_mapped_correctly():
     """The packaged ImageNet weights must recognise ImageNet things, or the mapping is wrong."""
-    from bonebreak.calibration import PHOTOS_DIR
+    from bonebreak.ood import PHOTOS_DIR
 
     model, processor = efficientnet_lite(0)
     assert preprocess_config_from_processor(processor).mean == (0.5, 0.5, 0.5)

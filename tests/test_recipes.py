@@ -8,25 +8,30 @@ import json
 import pytest
 import torch
 
-from bonebreak import experiments
+from bonebreak import experiment_runs, experiments
 from bonebreak.models import create_model
-from bonebreak.training import BatchMixer, TrainArguments, WeightEMA, layer_decay_groups, make_loss, resolve_precision
+from bonebreak.arguments import BoneBreakTrainingArguments, DataArguments, parse_arguments, read_recipe, resolve_precision
+from bonebreak.recipe_extras import WeightAverage, batch_mixer, layer_decay_groups, make_loss, mix_batch
 from bonebreak.transforms import AugmentConfig, PreprocessConfig, train_transform
 from conftest import synthetic_xray
 
 
 def test_mixer_makes_soft_targets_the_loss_accepts():
-    torch.manual_seed(0)
-    mixer = BatchMixer(num_classes=10, prob=1.0)
+    import numpy as np
+
+    np.random.seed(0)  # timm's Mixup draws from numpy
     inputs = {"pixel_values": torch.rand(6, 3, 32, 32), "labels": torch.tensor([0, 1, 2, 3, 4, 5])}
-    mixed = mixer(inputs)
+    mixed = mix_batch(batch_mixer(num_classes=10, prob=1.0), {**inputs, "pixel_values": inputs["pixel_values"].clone()})
     assert mixed["labels"].shape == (6, 10)
     assert torch.allclose(mixed["labels"].sum(dim=1), torch.ones(6))
     assert not torch.equal(mixed["pixel_values"], inputs["pixel_values"])
     loss = make_loss(torch.ones(10), 0.1)
     logits = type("Out", (), {"logits": torch.randn(6, 10)})()
     assert torch.isfinite(loss(logits, mixed["labels"])) and torch.isfinite(loss(logits, inputs["labels"]))
-    assert BatchMixer(10, prob=0.0)(inputs) is inputs
+    kept = mix_batch(batch_mixer(10, prob=0.0), {**inputs, "pixel_values": inputs["pixel_values"].clone()})
+    assert torch.equal(kept["pixel_values"], inputs["pixel_values"]) and torch.equal(kept["labels"].argmax(1), inputs["labels"])
+    odd = {"pixel_values": torch.rand(5, 3, 8, 8), "labels": torch.arange(5)}
+    assert mix_batch(batch_mixer(10, prob=1.0), odd) is odd  # timm mixes pairs: an odd last batch is left alone
 
 
 def test_layer_decay_slows_the_stem_and_rejects_non_timm_models(tiny_vit):
@@ -51,7 +56,7 @@ def test_precision_choice():
         resolve_precision("fp16", cuda=False)
     for flag, value in (("--precision", "fp8"), ("--augment", "wild"), ("--mixup", 2.0), ("--layer_decay", 0.0)):
         with pytest.raises(ValueError, match=flag):
-            TrainArguments(**{flag[2:]: value})
+            BoneBreakTrainingArguments(**{flag[2:]: value})
 
 
 def test_augmentation_policies_give_model_sized_tensors():
@@ -66,14 +71,13 @@ def test_augmentation_policies_give_model_sized_tensors():
 @pytest.mark.full_data  # the shipped manifest's near-duplicate groups only apply to the full dataset
 def test_dedup_keeps_one_image_per_near_duplicate_group(real_data):
     from bonebreak.data import read_manifest_groups
-    from bonebreak.evaluate import image_paths
+    from bonebreak.data import image_paths
     from pathlib import Path
 
-    full = TrainArguments(data_dir=str(real_data))
-    deduped = TrainArguments(data_dir=str(real_data), dedup_groups=True)
     from bonebreak.training import prepare_data
 
-    data, kept = prepare_data(full), prepare_data(deduped)
+    data = prepare_data(DataArguments(data_dir=str(real_data)), 42)
+    kept = prepare_data(DataArguments(data_dir=str(real_data), dedup_groups=True), 42)
     groups = read_manifest_groups(kept.manifest, kept.root)
     all_groups = {groups[Path(p)] for p in image_paths(data.splits["train"])}
     kept_groups = [groups[Path(p)] for p in image_paths(kept.splits["train"])]
@@ -93,11 +97,17 @@ def test_flip_tta_averages_the_mirror_image(trained_vit):
 
 
 def test_every_recipe_is_a_valid_training_command():
+    assert {"baseline", "mixup", "long", "distill", "ema"} <= set(experiments.RECIPES)
+    assert read_recipe("baseline") == {}  # the shipped recipe is the defaults
     exp = experiments.ExperimentArguments(recipes=list(experiments.RECIPES))
+    defaults = parse_arguments([])
     for name in experiments.RECIPES:
-        args = experiments.recipe_arguments(name, exp)
-        assert args.epochs == experiments.RECIPES[name].get("epochs", experiments.BASE["epochs"])
-        assert args.output_dir.endswith(f"{name}-seed42")
+        arguments = experiment_runs.recipe_arguments(name, exp)
+        for key, value in read_recipe(name).items():
+            (owner,) = [a for a in arguments if hasattr(a, key)]
+            assert getattr(owner, key) == value, (name, key)
+        assert arguments[2].num_train_epochs == read_recipe(name).get("num_train_epochs", defaults[2].num_train_epochs)
+        assert arguments[2].output_dir.endswith(f"{name}-seed42")
     with pytest.raises(ValueError, match="unknown recipe"):
         experiments.ExperimentArguments(recipes=["magic"])
     with pytest.raises(ValueError, match="--recipes"):
@@ -116,36 +126,52 @@ def test_runner_trains_records_and_tabulates(handful, tmp_path):
     table = (tmp_path / "table.md").read_text()
     assert "| mixup | `--mixup 0.5` |" in table and "do not edit by hand" in table
     assert record["inference"] == "fp32"
-
-    # An old record (evaluated under the bf16 wrapper) gets its metrics recomputed from the saved model.
-    true_accuracy = record["validation"]["accuracy"]
-    record["validation"]["accuracy"] = -1.0
-    del record["inference"]
-    path.write_text(json.dumps(record))
-    experiments.main(["--reevaluate", "--data_dir", str(handful), "--results_dir", str(tmp_path / "results"),
-                      "--work_dir", str(tmp_path / "work"), "--table_path", str(tmp_path / "table.md")])
-    fixed = json.loads(path.read_text())
-    assert fixed["validation"]["accuracy"] == true_accuracy and fixed["bf16_autocast_eval"]["validation"]["accuracy"] == -1.0
-    assert fixed["inference"].startswith("fp32")
+    with pytest.raises(ValueError, match="--reevaluate"):  # the finished re-evaluation migration is gone
+        experiments.main(["--table", "--reevaluate"])
 
 
 def test_weight_ema_averages_and_swaps_around_evaluation():
+    from types import SimpleNamespace
+
     model = torch.nn.Linear(2, 1, bias=False)
-    ema = WeightEMA(decay=0.5)
     with torch.no_grad():
         model.weight.fill_(0.0)
-    ema.on_step_end(None, None, None, model=model)  # first step: the average starts at the weights
+    ema = WeightAverage(decay=0.5)
+    ema.on_train_begin(None, None, None, model=model)  # timm's ModelEmaV3 copies the model
+    ema.on_step_end(None, SimpleNamespace(global_step=1), None, model=model)  # first update: the average is the weights
     with torch.no_grad():
         model.weight.fill_(1.0)
-    ema.on_step_end(None, None, None, model=model)  # 2nd update, warm-up decay min(0.5, 3/12): 0 -> 0.75
+    ema.on_step_end(None, SimpleNamespace(global_step=2), None, model=model)  # warm-up decay 1 - 1/1.1 = 1/11: 0 -> 10/11
     ema.on_epoch_end(None, None, None, model=model)
-    assert torch.allclose(model.weight, torch.full((1, 2), 0.75))  # evaluated and saved: the average
+    assert torch.allclose(model.weight, torch.full((1, 2), 10 / 11))  # evaluated and saved: the average
     ema.on_epoch_begin(None, None, None, model=model)
     assert torch.allclose(model.weight, torch.ones(1, 2))  # training continues from the raw weights
     with pytest.raises(ValueError, match="--ema"):
-        TrainArguments(ema=1.5)
-    with pytest.raises(ValueError, match="--save_every_steps"):
-        TrainArguments(ema=0.99, save_every_steps=10)
+        BoneBreakTrainingArguments(ema=1.5)
+
+
+def test_ema_run_evaluates_and_saves_the_average(handful, tiny_vit, tmp_path):
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from bonebreak.models import create_model
+    from bonebreak.training import build_trainer, prepare_data
+
+    model_args, data_args, args = parse_arguments(["--data_dir", str(handful), "--model", str(tiny_vit), "--epochs", "1",
+                                                   "--batch_size", "8", "--num_workers", "0", "--ema", "0.9",
+                                                   "--output_dir", str(tmp_path / "ema")])
+    data = prepare_data(data_args, args.seed)
+    model, processor = create_model(model_args.model, data.labels)
+    trainer = build_trainer(model_args, data_args, args, data, model, processor)
+    trainer.train()
+    (average,) = [c for c in trainer.callback_handler.callbacks if isinstance(c, WeightAverage)]
+    assert average.swapped  # the last epoch ended with the average in the model
+    saved = load_file(str(Path(trainer.state.best_model_checkpoint) / "model.safetensors"))
+    live = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+    raw = average.ema.module.state_dict()  # holds the raw weights while the average is swapped in
+    key = next(k for k in live if k.endswith("classifier.weight"))
+    assert torch.equal(saved[key], live[key]) and not torch.equal(saved[key], raw[key])
 
 
 def test_equalisation_is_trained_saved_and_used_at_inference(handful, tiny_vit, tmp_path):
@@ -165,20 +191,21 @@ def test_equalisation_is_trained_saved_and_used_at_inference(handful, tiny_vit, 
     assert predictor.preprocess.equalize and predictor.backend == "torch"
 
     # Balanced sampling: with one class 4x over-represented, draws come out near-uniform.
-    args = TrainArguments(data_dir=str(handful), balanced_sampling=True, output_dir=str(tmp_path / "sampler"))
-    data = prepare_data(args)
+    model_args, data_args, args = parse_arguments(["--data_dir", str(handful), "--balanced_sampling", "--model", str(tiny_vit),
+                                                   "--output_dir", str(tmp_path / "sampler")])
+    data = prepare_data(data_args, args.seed)
     train = data.splits["train"]
     keep = [i for i, label in enumerate(train["label"]) if label != 0] + [i for i, label in enumerate(train["label"]) if label == 0] * 4
     data.splits["train"] = train.select(keep)
     model, processor = create_model(str(tiny_vit), data.labels)
-    trainer = build_trainer(args, data, model, processor)
+    trainer = build_trainer(model_args, data_args, args, data, model, processor)
     drawn = torch.tensor(list(trainer._get_train_sampler()))
     labels = torch.tensor(trainer.train_dataset.labels)[drawn]
     share_of_first = float((labels == 0).float().mean())
     assert share_of_first < 2.5 / len(data.labels)  # unbalanced it would be 4x the share of any other class
     from dataclasses import replace
 
-    streamed = build_trainer(replace(args, cache_images=False), data, model, processor)  # labels come from the data, not the dataset type
+    streamed = build_trainer(model_args, replace(data_args, cache_images=False), args, data, model, processor)  # labels come from the data, not the dataset type
     assert list(streamed._get_train_sampler()) == drawn.tolist()
 
 
@@ -196,10 +223,11 @@ def test_ensemble_record_averages_members_and_costs_their_latency(handful, train
 
 
 def test_distillation_mixes_true_labels_with_teacher_probabilities(handful, tiny_vit, trained_vit, tmp_path):
-    from bonebreak.training import distillation_targets, main, prepare_data
+    from bonebreak.recipe_extras import distillation_targets
+    from bonebreak.training import main, prepare_data
     from bonebreak.transforms import collate
 
-    data = prepare_data(TrainArguments(data_dir=str(handful)))
+    data = prepare_data(DataArguments(data_dir=str(handful)), 42)
     split = data.splits["train"]
     hard = distillation_targets(split, data.labels, [str(trained_vit)], weight=0.0)
     assert (hard.argmax(1) == split["label"]).all() and (hard.max(1) == 1).all()
@@ -212,4 +240,4 @@ def test_distillation_mixes_true_labels_with_teacher_probabilities(handful, tiny
           "--num_workers", "0", "--distill_from", str(trained_vit), "--export_onnx", "false", "--no_evaluate_test"])
     assert (tmp_path / "student" / "model.safetensors").is_file()
     with pytest.raises(ValueError, match="--mixup"):
-        TrainArguments(distill_from=[str(trained_vit)], mixup=0.5)
+        BoneBreakTrainingArguments(distill_from=[str(trained_vit)], mixup=0.5)

@@ -33,7 +33,7 @@ def wait_for(predicate, timeout: float, process: subprocess.Popen) -> None:
 def test_sigkill_mid_epoch_then_resume_finishes(handful, tmp_path):
     out = tmp_path / "run"
     args = ["--data_dir", str(handful), "--model", "efficientnet_lite0", "--image_size", "64", "--epochs", "3",
-            "--batch_size", "2", "--save_every_steps", "5", "--output_dir", str(out), "--num_workers", "0",
+            "--batch_size", "2", "--eval_strategy", "steps", "--eval_steps", "5", "--save_strategy", "steps", "--save_steps", "5", "--output_dir", str(out), "--num_workers", "0",
             "--early_stopping_patience", "0", "--no_evaluate_test"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen([sys.executable, "train.py", *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +15,15 @@ import torch
 import pytest
 from PIL import Image
 
-from bonebreak.training import TrainArguments, class_weights, main, parse_args, with_output_dir
-from conftest import REPO
+from bonebreak.arguments import DataArguments, cpu_has_native_bf16, parse_arguments, with_output_dir
+from bonebreak.recipe_extras import class_weights
+from bonebreak.training import build_trainer, main, prepare_data
+from conftest import REPO, gradient16, make_dicom, write_manifest
+
+
+def parse_args(argv: list[str]):
+    """The training arguments of a command line."""
+    return parse_arguments(argv)[2]
 
 N_TRAIN, N_VAL, N_TEST = 20, 10, 10  # the handful: 3 train/class minus 1 carved for validation
 
@@ -61,8 +69,6 @@ def test_tiny_convnext_and_lite0_train_one_epoch(handful, tiny_convnext, tmp_pat
           "--image_size", "128", "--output_dir", str(tmp_path / "lite0"), "--num_workers", "1"])
     metrics = check_run(tmp_path / "lite0", expected_steps=2)
     assert json.loads((tmp_path / "lite0" / "config.json").read_text())["pretrained_cfg"]["input_size"] == [3, 128, 128]
-    from bonebreak.training import cpu_has_native_bf16
-
     assert metrics["mixed_precision"] == ("bf16" if cpu_has_native_bf16() else "no")  # --precision auto on a CPU
     assert metrics["world_size"] == 1
 
@@ -84,27 +90,28 @@ def test_arguments_are_validated_with_the_flag_named():
     with pytest.raises(ValueError, match="--batch_size"):
         parse_args(["--batch_size", "0"])
     with pytest.raises(ValueError, match="--val_fraction"):
-        TrainArguments(val_fraction=1.0)
+        DataArguments(val_fraction=1.0)
     with pytest.raises(ValueError, match="--resume needs the --output_dir"):
         parse_args(["--resume"])
     args = parse_args(["--epochs", "50", "--batch_size", "32", "--learning_rate", "1e-3", "--seed", "7", "--resume", "--output_dir", "r"])
-    assert (args.epochs, args.batch_size, args.learning_rate, args.seed, args.resume) == (50, 32, 1e-3, 7, True)
+    assert (args.num_train_epochs, args.per_device_train_batch_size, args.per_device_eval_batch_size) == (50, 32, 32)
+    assert (args.learning_rate, args.seed, args.data_seed, args.resume) == (1e-3, 7, 7, True)
     with pytest.raises(ValueError, match="--resume.*--overwrite_output_dir"):
         parse_args(["--resume", "--output_dir", "r", "--overwrite_output_dir"])
 
 
 def test_default_output_is_a_new_run_folder_and_a_full_one_is_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    args = with_output_dir(parse_args(["--model", "google/vit-base-patch16-224"]))
+    args = with_output_dir(parse_args([]), "google/vit-base-patch16-224")
     assert args.output_dir.startswith(os.path.join("runs", "vit-base-patch16-224-20"))  # runs/<model>-<date>-<time>
     assert parse_args([]).output_dir is None  # never the shipped checkpoints/bone_break_model by default
     full = tmp_path / "full"
     full.mkdir()
     (full / "model.safetensors").write_text("a trained model")
     with pytest.raises(ValueError, match=f"--output_dir {full} is not empty"):
-        with_output_dir(parse_args(["--output_dir", str(full)]))
-    assert with_output_dir(parse_args(["--output_dir", str(full), "--overwrite_output_dir"])).output_dir == str(full)
-    assert with_output_dir(parse_args(["--output_dir", str(tmp_path / "empty")])).output_dir == str(tmp_path / "empty")
+        with_output_dir(parse_args(["--output_dir", str(full)]), "m")
+    assert with_output_dir(parse_args(["--output_dir", str(full), "--overwrite"]), "m").output_dir == str(full)
+    assert with_output_dir(parse_args(["--output_dir", str(tmp_path / "empty")]), "m").output_dir == str(tmp_path / "empty")
 
 
 def test_class_weights_balance_the_loss():
@@ -133,8 +140,6 @@ def test_accelerate_multi_process_is_data_parallel(handful, tiny_vit, tmp_path):
 
 
 def test_grouped_cross_validation_reports_mean_and_spread(handful, tiny_vit, tmp_path):
-    from test_data import write_manifest
-
     manifest = write_manifest(handful, tmp_path / "manifest.csv")
     out = tmp_path / "cv"
     result = main(["--data_dir", str(handful), "--model", str(tiny_vit), "--epochs", "1", "--batch_size", "8",
@@ -194,3 +199,72 @@ def test_reports_match_the_saved_model_after_bf16_training(handful, tiny_vit, tm
     reloaded = predictor.probabilities([row["path"] for row in rows])
     assert [predictor.labels[i] for i in reloaded.argmax(1)] == [row["predicted"] for row in rows]
     assert np.abs(reloaded.max(1) - [float(row["probability"]) for row in rows]).max() <= 6e-5  # csv keeps 4 decimals
+
+
+def test_every_transformers_flag_reaches_the_trainer(handful, tiny_vit, tmp_path):
+    from bonebreak.models import create_model
+
+    out = tmp_path / "flags"
+    flags = ["--data_dir", str(handful), "--model", str(tiny_vit), "--output_dir", str(out), "--num_workers", "0",
+             "--gradient_accumulation_steps", "2", "--report_to", "none", "--torch_compile", "false",
+             "--lr_scheduler_type", "linear", "--max_grad_norm", "0.5", "--adam_beta2", "0.99", "--epochs", "1", "--batch_size", "2"]
+    model_args, data_args, args = parse_arguments(flags)
+    data = prepare_data(data_args, args.seed)
+    model, processor = create_model(model_args.model, data.labels)
+    trainer = build_trainer(model_args, data_args, args, data, model, processor)
+    carried = trainer.args
+    assert (carried.gradient_accumulation_steps, carried.report_to, carried.torch_compile) == (2, [], False)
+    assert (carried.lr_scheduler_type.value, carried.max_grad_norm, carried.adam_beta2) == ("linear", 0.5, 0.99)
+    assert carried.output_dir == f"{out}.trainer" and args.output_dir == str(out)  # checkpoints beside the final model
+    assert (carried.metric_for_best_model, carried.load_best_model_at_end, carried.per_device_eval_batch_size) == ("macro_f1", True, 2)
+
+    # 20 training images in batches of 2 are 10 micro-batches: accumulating 2 of them halves the optimizer steps
+    accumulated = main(flags + ["--no_evaluate_test", "--export_onnx", "false"])
+    assert accumulated["global_step"] == 5 and accumulated["arguments"]["gradient_accumulation_steps"] == 2
+
+
+def test_recipe_file_then_flags(tmp_path):
+    model_args, _, args = parse_arguments(["--recipe", str(REPO / "recipes" / "long.json")])
+    assert (args.num_train_epochs, args.early_stopping_patience, args.recipe) == (30, 8, str(REPO / "recipes" / "long.json"))
+    _, _, args = parse_arguments(["--recipe", "recipes/long.json", "--epochs", "5", "--mixup", "0.2"])
+    assert (args.num_train_epochs, args.early_stopping_patience, args.mixup) == (5, 8, 0.2)  # flags override the file
+    assert parse_arguments(["--recipe", "lite1"])[0].model == "efficientnet_lite1"  # a name in recipes/
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"epochz": 3}))
+    with pytest.raises(ValueError, match=f"--recipe {bad}.*epochz"):
+        parse_arguments(["--recipe", str(bad)])
+    bad.write_text(json.dumps({"mixup": 3.0}))
+    with pytest.raises(ValueError, match="--mixup"):
+        parse_arguments(["--recipe", str(bad)])
+    with pytest.raises(ValueError, match="--precision fp32 contradicts --bf16"):
+        parse_args(["--precision", "fp32", "--bf16"])
+    with pytest.raises(ValueError, match="--eval_strategy epoch"):
+        parse_args(["--ema", "0.9", "--eval_strategy", "steps", "--save_strategy", "steps", "--eval_steps", "5"])
+
+
+def test_dicom_and_16bit_png_train_like_any_image(handful, tiny_vit, tmp_path):
+    """Training decodes with the app's decoder: a DICOM and a 16-bit PNG are trained on, not crashed on or skipped."""
+    from bonebreak.data import DecodedImages, load_splits
+    from bonebreak.transforms import PreprocessConfig, eval_transform
+
+    data = tmp_path / "data"
+    shutil.copytree(handful, data)
+    make_dicom(data / "Spiral Fracture" / "Train" / "scan.dcm", gradient16(96, 80))
+    Image.fromarray(gradient16(96, 80)).save(data / "Avulsion fracture" / "Train" / "film16.png")
+    out = tmp_path / "run"
+    main(["--data_dir", str(data), "--model", str(tiny_vit), "--epochs", "1", "--batch_size", "8", "--output_dir", str(out),
+          "--num_workers", "0", "--no_evaluate_test", "--export_onnx", "false", "--cache_images", "false"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["skipped_files"] == []
+    assert sum(metrics["counts"]["train"].values()) + sum(metrics["counts"]["validation"].values()) == N_TRAIN + N_VAL + 2
+
+    splits = load_splits(data, split_manifest="none").splits
+    paths = [p for s in ("train", "validation") for p in DecodedImages(splits[s], lambda image: image, cache=False).paths]
+    assert sum(p.endswith((".dcm", ".png")) for p in paths) == 2
+    transform = eval_transform(PreprocessConfig(image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3))
+    for name in ("train", "validation"):
+        cached, streamed = DecodedImages(splits[name], transform), DecodedImages(splits[name], transform, cache=False)
+        for i, path in enumerate(cached.paths):
+            if path.endswith((".dcm", ".png")):
+                assert torch.equal(cached[i]["pixel_values"], streamed[i]["pixel_values"])
+                assert cached.images[i].mode == "RGB" and np.asarray(cached.images[i]).std() > 20  # windowed, not white

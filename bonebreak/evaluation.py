@@ -1,0 +1,206 @@
+"""Evaluate a model on dataset splits: metrics with 95% intervals, report folders, tables, and
+the X-ray check's separation of photos from X-rays.
+
+The one shared step "evaluate every split, run the X-ray check" (``evaluate_splits``) serves
+training, ``python -m bonebreak.evaluate`` and ``python -m bonebreak.model_card`` alike.
+(The Hub-hosted metric scripts of the ``evaluate`` library cannot be fetched offline, so the
+numbers come from scikit-learn in ``bonebreak.metrics``.)
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+import datasets
+import numpy as np
+from tqdm.auto import tqdm
+
+from .data import image_paths, label_index_map
+from .inference import Predictor
+from .metrics import TOP_K, bootstrap_intervals, classification_metrics, headline
+from .ood import auroc, natural_photos
+from .plots import plot_confusion_matrix
+from .splits import Split
+
+logger = logging.getLogger(__name__)
+
+
+LEAKAGE_NOTE = (
+    "The published Train/Test split of this dataset leaks near-duplicates (re-encoded, flipped and "
+    "annotated copies of Train images appear in Test), so a score on it overstates accuracy on new X-rays."
+)
+
+
+CLEAN_NOTE = (
+    "clean_test holds the published Test images that have no near-duplicate in Train (see `python -m bonebreak.audit`); "
+    "it is small, so read the confidence intervals."
+)
+
+
+def predict_dataset(predictor: Predictor, dataset: datasets.Dataset, batch_size: int = 32) -> np.ndarray:
+    paths = image_paths(dataset)
+    chunks = [
+        predictor.probabilities(paths[start : start + batch_size], batch_size=batch_size)
+        for start in tqdm(range(0, len(paths), batch_size), desc="Predicting", unit="batch")
+    ]
+    return np.concatenate(chunks) if chunks else np.zeros((0, len(predictor.labels)))
+
+
+def evaluate_split(
+    predictor: Predictor, dataset: datasets.Dataset, data_labels: list[str], batch_size: int = 32
+) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    """Metrics in the model's label space, plus the true indices and probabilities."""
+    truth = true_indices(dataset, data_labels, predictor.labels)
+    probs = predict_dataset(predictor, dataset, batch_size)
+    return metrics_with_intervals(truth, probs, predictor.labels), truth, probs
+
+
+def true_indices(dataset: datasets.Dataset, data_labels: list[str], model_labels: list[str]) -> np.ndarray:
+    mapping = label_index_map(data_labels, model_labels)
+    return np.array([mapping[i] for i in dataset["label"]])
+
+
+def metrics_with_intervals(truth: np.ndarray, probs: np.ndarray, labels: list[str]) -> dict[str, Any]:
+    metrics = classification_metrics(truth, probs, labels)
+    metrics["ci95"] = bootstrap_intervals(truth, probs)
+    return metrics
+
+
+def write_report(
+    metrics: dict[str, Any],
+    out_dir: str | Path,
+    title: str,
+    paths: list[str] | None = None,
+    truth: np.ndarray | None = None,
+    probs: np.ndarray | None = None,
+) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    labels = metrics["labels"]
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (out / "confusion_matrix.json").write_text(
+        json.dumps({"labels": labels, "rows_true_cols_predicted": metrics["confusion_matrix"]}, indent=2)
+    )
+    plot_confusion_matrix(metrics["confusion_matrix"], labels, out / "confusion_matrix.png", title)
+    with open(out / "per_class.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["label", "precision", "recall", "f1", "support"])
+        for label, row in metrics["per_class"].items():
+            writer.writerow([label, f"{row['precision']:.4f}", f"{row['recall']:.4f}", f"{row['f1']:.4f}", row["support"]])
+    if paths is not None and truth is not None and probs is not None:
+        with open(out / "predictions.csv", "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["path", "true", "predicted", "probability"] + [f"top{k + 1}" for k in range(TOP_K)])
+            for path, true, row in zip(paths, truth, probs):
+                order = np.argsort(-row)[:TOP_K]
+                top = [f"{labels[i]} ({row[i]:.3f})" for i in order]
+                writer.writerow([path, labels[true], labels[order[0]], f"{row[order[0]]:.4f}"] + top)
+    return out
+
+
+SPLIT_TITLES = {
+    "test": "published Test split (leaks near-duplicates of Train: optimistic)",
+    "clean_test": "**clean Test** (published Test images with no near-copy in Train)",
+    "validation": "validation (held out from Train)",
+}
+
+
+def _with_interval(value: float, interval: list[float] | None) -> str:
+    return f"{value:.3f} ({interval[0]:.3f}-{interval[1]:.3f})" if interval else f"{value:.3f}"
+
+
+def comparison_table(reports: dict[str, dict[str, Any]], cv: dict[str, Any] | None = None) -> str:
+    """Markdown table, one row per split (95% bootstrap intervals), plus a CV row (mean +- std)."""
+    columns = [("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("top3_accuracy", "top-3 accuracy")]
+    rows = ["| split | n | " + " | ".join(title for _, title in columns) + " |", "|---|---|" + "---|" * len(columns)]
+    for split, report in reports.items():
+        ci = report.get("ci95", {})
+        cells = [_with_interval(report[key], ci.get(key)) for key, _ in columns]
+        rows.append(f"| {SPLIT_TITLES.get(split, split)} | {report['n']} | " + " | ".join(cells) + " |")
+    if cv:
+        cells = [f"{cv['mean'][key]:.3f} +- {cv['std'][key]:.3f}" for key, _ in columns]
+        n = sum(f["n_validation"] for f in cv["per_fold"])
+        rows.append(f"| grouped {cv['folds']}-fold CV over Train (mean +- std of folds) | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def format_table(metrics: dict[str, Any], title: str) -> str:
+    lines = [title, "-" * len(title)]
+    intervals = metrics.get("ci95", {})
+    for name, value in headline(metrics).items():
+        ci = f"  (95% CI {intervals[name][0]:.3f}-{intervals[name][1]:.3f})" if name in intervals else ""
+        lines.append(f"{name:<20} {value:.4f}{ci}")
+    lines.append(f"{'images':<20} {metrics['n']}")
+    lines.append("")
+    lines.append(f"{'class':<22}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>9}")
+    for label, row in metrics["per_class"].items():
+        lines.append(f"{label:<22}{row['precision']:>10.3f}{row['recall']:>10.3f}{row['f1']:>10.3f}{row['support']:>9}")
+    return "\n".join(lines)
+
+
+def run_evaluation(
+    predictor: Predictor, dataset: datasets.Dataset, data_labels: list[str], split: str, out_dir: str | Path, batch_size: int = 32
+) -> dict[str, Any]:
+    """Evaluate, write the report folder and return the metrics (with the leakage note on test)."""
+    metrics, truth, probs = evaluate_split(predictor, dataset, data_labels, batch_size)
+    metrics["split"] = split
+    if split == "test":
+        metrics["note"] = LEAKAGE_NOTE
+    elif split == "clean_test":
+        metrics["note"] = CLEAN_NOTE
+    write_report(metrics, out_dir, f"Confusion matrix ({split}, n={metrics['n']})", image_paths(dataset), truth, probs)
+    return metrics
+
+
+def ood_check(predictor: Predictor, dataset: datasets.Dataset) -> dict[str, Any] | None:
+    """How well the X-ray check separates this split's X-rays from photos that are not X-rays."""
+    if predictor.ood is None:
+        return None
+    photos = natural_photos()
+    xray_scores = predictor.ood_scores(image_paths(dataset))
+    photo_scores = predictor.ood_scores([image for _, image in photos])
+    result = {
+        "auroc_photos_vs_xrays": auroc(photo_scores, xray_scores),
+        "xrays_flagged": float(np.mean(xray_scores > predictor.ood.threshold)),
+        "photos_flagged": float(np.mean(photo_scores > predictor.ood.threshold)),
+        "n_xrays": len(xray_scores),
+        "n_photos": len(photo_scores),
+        "photos_missed": [name for (name, _), score in zip(photos, photo_scores) if score <= predictor.ood.threshold],
+        "threshold": predictor.ood.threshold,
+        "embedding": predictor.ood.embedding,
+    }
+    return result
+
+
+def honest_split(splits: Any) -> str:
+    """The split whose score overstates least: clean Test where the grouped split manifest
+    defines it, else the folder's test split, else validation. Evaluation defaults to it and
+    the X-ray check is always measured on it."""
+    for name in (Split.CLEAN_TEST, Split.TEST, Split.VALIDATION):
+        if name in splits:
+            return str(name)
+    raise ValueError("the data folder has no test or validation split to evaluate on")
+
+
+def evaluate_splits(
+    predictor: Predictor, splits: Any, labels: list[str], names: list[str], folder_of: Callable[[str], Path], batch_size: int = 32
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any] | None]:
+    """The step shared by training, the evaluate CLI and the model card: a report folder per
+    split (``folder_of(name)``), then the X-ray check on the honest split."""
+    reports = {name: run_evaluation(predictor, splits[name], labels, name, folder_of(name), batch_size) for name in names}
+    return reports, ood_check(predictor, splits[honest_split(splits)])
+
+
+def record_results(summary: dict[str, Any], reports: dict[str, dict[str, Any]], ood: dict[str, Any] | None) -> dict[str, Any]:
+    """Copy the test-split headlines (with intervals and notes) and the X-ray check into a run summary."""
+    for name in (Split.TEST, Split.CLEAN_TEST):
+        if name in reports:
+            report = reports[name]
+            summary[str(name)] = {**headline(report), "ci95": report["ci95"], **({"note": report["note"]} if "note" in report else {})}
+    if ood is not None:
+        summary["ood"] = ood
+    return summary

@@ -1,0 +1,149 @@
+"""The heat map ("where the model looked") is right, not just present.
+
+For the shipped EfficientNet-Lite0 the map comes from the classifying forward pass (CAM: the
+class's head weights times the last feature map). These tests pin it to references computed
+another way, so that a map that is all zeros, uniform, or for the wrong class fails.
+"""
+
+from __future__ import annotations
+
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bonebreak.inference import Predictor
+from bonebreak.ui import Classifier, OutputImages, overlay_heatmap
+from conftest import REPO, SHIPPED_MODEL
+
+EXAMPLES = sorted((REPO / "examples").glob("*.jpg"))
+ALPHA = 0.45  # overlay_heatmap's default blend
+
+
+@pytest.fixture(scope="module")
+def torch_predictor() -> Predictor:
+    return Predictor.from_checkpoint(SHIPPED_MODEL, device="cpu", backend="torch", calibrated=False)
+
+
+@pytest.fixture(scope="module")
+def onnx_predictor() -> Predictor:
+    return Predictor.from_checkpoint(SHIPPED_MODEL, device="cpu", backend="onnx", calibrated=False)
+
+
+def hooked_grad_cam(predictor: Predictor, image: Image.Image, target: int) -> np.ndarray:
+    """Textbook Grad-CAM, written independently of bonebreak: a hook on the layer whose output feeds
+    the pooled head (EfficientNet's bn2), the model's own transformers forward, a backward pass,
+    channel weights = mean gradient, relu, bilinear upsampling, scaled to 0..1."""
+    model = predictor.model
+    captured = {}
+    handle = model.timm_model.bn2.register_forward_hook(lambda module, inputs, output: captured.update(features=output))
+    try:
+        pixels = predictor.transform(image).unsqueeze(0)
+        with torch.enable_grad():
+            logits = model(pixel_values=pixels).logits
+            (gradients,) = torch.autograd.grad(logits[0, target], captured["features"])
+    finally:
+        handle.remove()
+    weights = gradients[0].mean(dim=(1, 2))
+    cam = torch.relu(torch.einsum("c,chw->hw", weights, captured["features"][0].detach()))
+    cam = torch.nn.functional.interpolate(cam[None, None], size=pixels.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
+    return (cam / cam.max()).numpy()
+
+
+def weights_times_features(predictor: Predictor, image: Image.Image, target: int) -> np.ndarray:
+    """CAM from its definition, in numpy: relu(sum_c W[target, c] * F[c]) of the PyTorch model."""
+    timm_model = predictor.model.timm_model
+    with torch.inference_mode():
+        features = timm_model.forward_features(predictor.transform(image).unsqueeze(0))[0].numpy()
+    weights = timm_model.get_classifier().weight.detach().numpy()[target]
+    cam = np.maximum((weights[:, None, None] * features).sum(axis=0), 0)
+    size = predictor.transform(image).shape[-2:]
+    cam = torch.nn.functional.interpolate(torch.from_numpy(cam)[None, None], size=tuple(size), mode="bilinear", align_corners=False)[0, 0]
+    return (cam / cam.max()).numpy()
+
+
+def assert_informative(heatmap: np.ndarray) -> None:
+    """Not all zeros, not constant: a real map peaks at 1 and spreads down to near 0."""
+    assert heatmap.max() == pytest.approx(1.0) and heatmap.min() < 0.2 and heatmap.std() > 0.1
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
+def test_single_forward_cam_equals_classic_grad_cam(torch_predictor, example):
+    image = Image.open(example).convert("RGB")
+    analysis = torch_predictor.analyse(image, heatmap=True)
+    assert analysis.heatmap_label == analysis.prediction.top_label
+    target = torch_predictor.labels.index(analysis.heatmap_label)
+    assert_informative(analysis.heatmap)
+    np.testing.assert_allclose(analysis.heatmap, hooked_grad_cam(torch_predictor, image, target), atol=1e-4)
+    _, classic = torch_predictor.grad_cam(image, label=analysis.heatmap_label)  # our own forward + backward
+    np.testing.assert_allclose(analysis.heatmap, classic, atol=1e-4)
+
+
+def test_heatmap_is_for_the_asked_class(torch_predictor):
+    image = Image.open(EXAMPLES[0]).convert("RGB")
+    top = torch_predictor.analyse(image, heatmap=True)
+    others = list(top.prediction.probabilities)[1:]
+    differences = []
+    for label in (others[0], others[-1]):  # the runner-up and the least likely class
+        other = torch_predictor.analyse(image, heatmap=True, label=label)
+        assert other.heatmap_label == label and other.prediction == top.prediction  # same forward, other map
+        target = torch_predictor.labels.index(label)
+        np.testing.assert_allclose(other.heatmap, weights_times_features(torch_predictor, image, target), atol=1e-4)
+        differences.append(np.abs(other.heatmap - top.heatmap).mean())
+    top_target = torch_predictor.labels.index(top.prediction.top_label)
+    np.testing.assert_allclose(top.heatmap, weights_times_features(torch_predictor, image, top_target), atol=1e-4)
+    assert min(differences) > 0.05  # a map computed for the wrong class would be caught above
+
+
+def test_onnx_backend_heatmap_equals_torch_backend(torch_predictor, onnx_predictor):
+    assert onnx_predictor.backend == "onnx" and "features" in onnx_predictor.onnx.output_names
+    for example in EXAMPLES:
+        image = Image.open(example).convert("RGB")
+        eager, onnx = torch_predictor.analyse(image), onnx_predictor.analyse(image)
+        assert eager.heatmap_label == onnx.heatmap_label
+        np.testing.assert_allclose(onnx.heatmap, eager.heatmap, atol=1e-3)
+        assert max(abs(eager.prediction.probabilities[k] - v) for k, v in onnx.prediction.probabilities.items()) <= 1e-4
+
+
+def heat_colours(picture: Image.Image, view: Image.Image) -> np.ndarray:
+    """The colour layer of an overlay, recovered by undoing the blend with the model's view."""
+    return (np.asarray(picture, dtype=np.float64) - (1 - ALPHA) * np.asarray(view, dtype=np.float64)) / ALPHA
+
+
+def test_app_heatmap_picture_shows_a_real_map_for_the_top_class(onnx_predictor, tmp_path):
+    classify = Classifier(onnx_predictor, outputs=OutputImages(folder=tmp_path))
+    example = REPO / "examples" / "spiral_fracture.jpg"
+    labels, _, shown = classify(str(example), True)
+    picture = Image.open(shown).convert("RGB")
+    analysis = onnx_predictor.analyse(str(example))
+    colours = heat_colours(picture, analysis.view)
+    assert colours.std(axis=(0, 1)).max() > 30  # a zero or constant map gives one flat colour (std about 1)
+    assert analysis.heatmap_label == next(iter(labels))
+    for label in list(analysis.prediction.probabilities)[1:3]:  # another class gives a visibly other picture
+        other = overlay_heatmap(analysis.view, onnx_predictor.analyse(str(example), label=label).heatmap)
+        assert np.abs(np.asarray(other, dtype=float) - np.asarray(picture, dtype=float)).mean() > 5
+    assert np.abs(np.asarray(overlay_heatmap(analysis.view, analysis.heatmap), dtype=float) - np.asarray(picture, dtype=float)).max() <= 1
+
+
+def test_a_flat_map_fails_these_checks(torch_predictor):
+    """The checks above are not vacuous: a zero or a constant map is caught by each of them."""
+    image = Image.open(EXAMPLES[0]).convert("RGB")
+    analysis = torch_predictor.analyse(image)
+    for flat in (np.zeros_like(analysis.heatmap), np.full_like(analysis.heatmap, 0.5)):
+        with pytest.raises(AssertionError):
+            assert_informative(flat)
+        assert heat_colours(overlay_heatmap(analysis.view, flat), analysis.view).std(axis=(0, 1)).max() < 5
+        assert not np.allclose(flat, analysis.heatmap, atol=1e-4)
+
+
+def test_vit_gets_grad_cam_from_its_classifying_forward(tiny_vit):
+    predictor = Predictor.from_checkpoint(tiny_vit, device="cpu", calibrated=False)
+    assert predictor.cam_weights is None  # tokens, not a pooled feature map: Grad-CAM with a backward pass
+    image = Image.open(EXAMPLES[0]).convert("RGB")
+    analysis = predictor.analyse(image)
+    _, classic = predictor.grad_cam(image, label=analysis.heatmap_label)
+    assert analysis.heatmap.shape == (64, 64) and analysis.heatmap_label == analysis.prediction.top_label
+    np.testing.assert_allclose(analysis.heatmap, classic, atol=1e-5)
+    expected = predictor.predict(image).probabilities
+    assert max(abs(expected[k] - v) for k, v in analysis.prediction.probabilities.items()) <= 1e-6

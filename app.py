@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 
 from bonebreak.cli import parse
 from bonebreak.images import DEFAULT_LIMITS, DecodeLimits
-from bonebreak.inference import BACKENDS, DEFAULT_UNSURE_BELOW, Predictor
+from bonebreak.inference import BACKEND_HELP, DEFAULT_UNSURE_BELOW, Predictor, check_backend
 from bonebreak.models import SHIPPED_MODEL, ModelLoadError
 from bonebreak.ui import build_demo, launch, serving_threads
 
@@ -35,12 +35,11 @@ class AppArguments:
 
     backend: str = field(
         default="auto",
-        metadata={"help": "auto (ONNX Runtime on CPU when the checkpoint has an up-to-date model.onnx, else PyTorch), torch or onnx."},
+        metadata={"help": BACKEND_HELP},
     )
 
     def __post_init__(self) -> None:
-        if self.backend not in BACKENDS:
-            raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got '{self.backend}'")
+        check_backend(self.backend)
         if not 1 <= self.port <= 65535:
             raise ValueError(f"--port must be between 1 and 65535, got {self.port}")
         if self.concurrency < 1 or self.max_upload_mb < 1 or self.max_image_megapixels <= 0:

@@ -13,7 +13,8 @@ import sys
 from dataclasses import dataclass, field
 
 from .cli import parse
-from .data import DEFAULT_MANIFEST, SPLITS, LoadedData, load_splits, resolve_data_dir, scan_folder, split_counts
+from .data import LoadedData, load_splits, resolve_data_dir, scan_folder
+from .splits import DEFAULT_MANIFEST, SPLITS, split_counts
 
 LAYOUTS = {
     "roboflow": "Roboflow folder export: train|valid|test/<class>/*",

@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from .calibration import TEMPERATURE_KEY
+from .heatmaps import class_activation_map, upsample
 from .images import DEFAULT_LIMITS, DecodeLimits, ImageSource, load_image
 from .models import load_checkpoint
 from .onnx_backend import LogitsAndFeatures, linear_cam_head, select_onnx
@@ -30,6 +31,14 @@ from .transforms import PreprocessConfig, eval_transform, preprocess_config_from
 
 DEFAULT_UNSURE_BELOW = 0.5
 BACKENDS = ("auto", "torch", "onnx")
+BACKEND_HELP = "auto (ONNX Runtime on CPU when the checkpoint has an up-to-date model.onnx, else PyTorch), torch or onnx."
+
+
+def check_backend(backend: str) -> str:
+    """The --backend value, or a ValueError naming the flag and its choices."""
+    if backend not in BACKENDS:
+        raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got '{backend}'")
+    return backend
 
 logger = logging.getLogger(__name__)
 
@@ -140,8 +149,7 @@ class Predictor:
         ``backend``: "torch", "onnx" (the checkpoint's exported ``model.onnx``; an error names the
         export command when it is missing or stale) or "auto" (ONNX on CPU when usable, else torch).
         """
-        if backend not in BACKENDS:
-            raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got '{backend}'")
+        check_backend(backend)
         model, processor = load_checkpoint(path)
         if calibrated:
             kwargs.setdefault("temperature", float(getattr(model.config, TEMPERATURE_KEY, None) or 1.0))
@@ -304,33 +312,6 @@ class Predictor:
         mean, std = np.asarray(self.preprocess.mean, dtype=np.float32), np.asarray(self.preprocess.std, dtype=np.float32)
         rgb = np.clip(pixels.detach().cpu().numpy().transpose(1, 2, 0) * std + mean, 0, 1)
         return Image.fromarray((rgb * 255).astype(np.uint8))
-
-
-def class_activation_map(features: np.ndarray, class_weights: np.ndarray) -> np.ndarray:
-    """CAM: relu(sum_c w[c] * features[c]) for a (C, H, W) feature map and one class's (C,) head weights."""
-    return np.maximum(np.tensordot(class_weights, features, axes=1), 0.0)
-
-
-def upsample(cam: np.ndarray, size: Sequence[int]) -> np.ndarray:
-    """A feature-resolution map resized to the model's input and scaled to 0..1.
-
-    Bilinear with half-pixel centres, exactly as ``torch.nn.functional.interpolate(...,
-    align_corners=False)``, in numpy: a few small matrix products, no thread pool to wake.
-    """
-    resized = _bilinear(size[0], cam.shape[0]) @ np.asarray(cam, dtype=np.float64) @ _bilinear(size[1], cam.shape[1]).T
-    top = float(resized.max())
-    return (resized / top if top > 0 else resized).astype(np.float32)
-
-
-def _bilinear(out: int, size: int) -> np.ndarray:
-    """The (out, size) matrix of 1-D bilinear interpolation weights (source index clamped at 0 and size - 1)."""
-    source = np.maximum((np.arange(out) + 0.5) * size / out - 0.5, 0.0)
-    low = np.minimum(source.astype(int), size - 1)
-    high = np.minimum(low + 1, size - 1)
-    matrix = np.zeros((out, size))
-    np.add.at(matrix, (np.arange(out), low), 1.0 - (source - low))
-    np.add.at(matrix, (np.arange(out), high), source - low)
-    return matrix
 
 
 class Ensemble:

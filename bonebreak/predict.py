@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .batch import FORMATS, expand_paths, format_rows, predict_files
 from .cli import argument_parser
-from .inference import BACKENDS, DEFAULT_UNSURE_BELOW, Predictor
+from .inference import BACKEND_HELP, DEFAULT_UNSURE_BELOW, Predictor, check_backend
 from .models import SHIPPED_MODEL, ModelLoadError
 
 
@@ -28,12 +28,11 @@ class PredictArguments:
     device: str | None = field(default=None, metadata={"help": "cpu, cuda or cuda:N (default: cuda if available)."})
     backend: str = field(
         default="auto",
-        metadata={"help": "auto (ONNX Runtime on CPU when the checkpoint has an up-to-date model.onnx, else PyTorch), torch or onnx."},
+        metadata={"help": BACKEND_HELP},
     )
 
     def __post_init__(self) -> None:
-        if self.backend not in BACKENDS:
-            raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got '{self.backend}'")
+        check_backend(self.backend)
         if self.format not in FORMATS:
             raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got '{self.format}'")
         if self.top_k < 1:

@@ -49,8 +49,18 @@ def write_image(path: Path, seed: int) -> Path:
     return path
 
 
+# Modules whose tests train real models or start the real server and browser (seconds to a
+# minute each); `pytest -m "not slow"` runs the rest in about a minute.
+SLOW_MODULES = {"test_app", "test_export", "test_heatmap", "test_own_dataset", "test_recipes", "test_reliability",
+                "test_requirements", "test_space", "test_training"}
+
+
 def pytest_collection_modifyitems(config, items):
-    """Every test that needs the full dataset must say so, so that `-m "not full_data"` is honest."""
+    """Mark the slow modules; and every test that needs the full dataset must say so, so that
+    `-m "not full_data"` is honest."""
+    for item in items:
+        if item.module.__name__ in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
     unmarked = [item.nodeid for item in items if "real_data" in getattr(item, "fixturenames", ()) and item.get_closest_marker("full_data") is None]
     if unmarked:
         raise pytest.UsageError("tests using the real_data fixture must be marked @pytest.mark.full_data: " + ", ".join(unmarked))

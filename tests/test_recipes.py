@@ -70,7 +70,7 @@ def test_augmentation_policies_give_model_sized_tensors():
 
 @pytest.mark.full_data  # the shipped manifest's near-duplicate groups only apply to the full dataset
 def test_dedup_keeps_one_image_per_near_duplicate_group(real_data):
-    from bonebreak.data import read_manifest_groups
+    from bonebreak.splits import read_manifest_groups
     from bonebreak.data import image_paths
     from pathlib import Path
 

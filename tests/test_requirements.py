@@ -29,7 +29,6 @@ FIXTURE = REPO / "tests" / "fixtures" / "bone-break-mini"
 # documented entry points. Keep this honest and minimal; the test fails if an entry gets imported.
 NOT_IMPORTED_BUT_NEEDED = {
     "gradio-client": "the README's Python API example and benchmarks/load_test.py talk to the app through it",
-    "huggingface-hub": "the `hf` command: `hf download` a Hub model once for offline --model DIR, `hf upload` to deploy the Space",
 }
 
 

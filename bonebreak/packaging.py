@@ -82,7 +82,7 @@ def final_message(saved: Path, reports: dict[str, dict], train_seconds: float) -
     """What a person needs at the end of a run: the scores, where the files are, how to serve it."""
     lines = [f"Trained in {train_seconds / 60:.1f} min. Best model (chosen by validation macro-F1), 95% bootstrap intervals:", "",
              comparison_table(reports), ""]
-    if "test" in reports:
+    if "clean_test" in reports:
         lines.append("The published Test split of the bone-break dataset leaks near-duplicates of Train: read clean Test "
                      "where it is shown (see README 'Known leakage').")
     lines += [f"Model, reports and model card: {saved}/ (metrics.json, eval_*/, training_curves.png, README.md)",

@@ -48,7 +48,7 @@ def test_evaluate_cli_writes_a_consistent_report(trained_vit, handful, tmp_path,
     out = tmp_path / "report"
     metrics = evaluation.main(["--model_path", str(trained_vit), "--data_dir", str(handful), "--split", "test", "--report_dir", str(out)])
     printed = capsys.readouterr().out
-    assert "accuracy" in printed and "macro_f1" in printed and "leaks near-duplicates" in printed
+    assert "accuracy" in printed and "macro_f1" in printed and "No near-duplicate audit describes this data folder" in printed
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["n"] == 10 and saved["split"] == "test"
     rows = list(csv.DictReader(open(out / "predictions.csv")))
@@ -116,7 +116,19 @@ def test_evaluate_all_splits_side_by_side_with_cv(trained_vit, handful, tmp_path
     table = (tmp_path / "all" / "comparison.md").read_text().splitlines()
     assert table[0] == "| split | n | accuracy | macro-F1 | top-3 accuracy |"
     test = reports["test"]
-    assert f"| published Test split (leaks near-duplicates of Train: optimistic) | 10 | {test['accuracy']:.3f} ({test['ci95']['accuracy'][0]:.3f}-" in table[3]
+    assert f"| test split (not audited for near-duplicates of train) | 10 | {test['accuracy']:.3f} ({test['ci95']['accuracy'][0]:.3f}-" in table[3]
     assert table[4] == "| grouped 5-fold CV over Train (mean +- std of folds) | 30 | 0.310 +- 0.040 | 0.290 +- 0.050 | 0.600 +- 0.030 |"
     assert (tmp_path / "all" / "test" / "confusion_matrix.png").is_file()
     assert set(test["ci95"]) >= {"accuracy", "macro_f1", "weighted_f1", "macro_precision", "top3_accuracy"}
+
+
+def test_the_leak_is_claimed_only_where_the_audit_found_it():
+    from bonebreak.evaluation import CLEAN_NOTE, LEAKAGE_NOTE, UNAUDITED_NOTE, comparison_table, split_note
+
+    audited = {"train": 1, "validation": 1, "test": 1, "clean_test": 1}  # the shipped manifest matched: bone-break itself
+    assert split_note("test", audited) == LEAKAGE_NOTE and split_note("clean_test", audited) == CLEAN_NOTE
+    assert split_note("test", {"train": 1, "validation": 1, "test": 1}) == UNAUDITED_NOTE  # a user's own folder
+    assert split_note("validation", audited) is None
+    row = {"n": 5, "accuracy": 0.4, "macro_f1": 0.3, "top3_accuracy": 0.8}
+    assert "| published Test split (leaks" in comparison_table({"test": {**row, "note": LEAKAGE_NOTE}})
+    assert "| test split (not audited" in comparison_table({"test": {**row, "note": UNAUDITED_NOTE}})

@@ -54,7 +54,8 @@ def test_training_goes_to_a_new_run_folder_and_says_how_to_serve_it(own_run):
     assert served, stdout[-2000:]
     folder = workdir / served.group(1)
     assert folder.parent == workdir / "runs" and folder.name.startswith("tiny_vit")
-    assert "| validation (held out from Train) | 3 |" in stdout and "| published Test split" in stdout  # the final table
+    assert "| validation (held out from Train) | 3 |" in stdout  # the final table
+    assert "| test split (not audited for near-duplicates of train) | 3 |" in stdout and "published Test" not in stdout
     metrics = json.loads((folder / "metrics.json").read_text())
     assert metrics["labels"] == sorted(CLASSES.values()) and metrics["layout"] == "roboflow"
     assert not metrics["grouped_splits"] and "ood" in metrics

@@ -36,13 +36,14 @@ def check_run(out: Path, expected_steps: int) -> dict:
     assert sum(metrics["counts"]["train"].values()) == N_TRAIN
     assert metrics["global_step"] == expected_steps
     assert 0.0 <= metrics["validation"]["eval_macro_f1"] <= 1.0
-    assert metrics["test"]["note"].startswith("The published Train/Test split")
+    # 40 of the 1,129 images: the shipped audit manifest does not describe this folder, so no leak is claimed either way
+    assert metrics["test"]["note"].startswith("No near-duplicate audit describes this data folder")
     report = json.loads((out / "eval_test" / "metrics.json").read_text())
     assert np.asarray(report["confusion_matrix"]).sum() == report["n"] == N_TEST
     assert (out / "training_curves.png").stat().st_size > 10_000
     card = (out / "README.md").read_text()
-    assert card.startswith("---\nlicense: cc-by-4.0") and "not a diagnostic device" in card
-    assert f"| published Test split (leaks near-duplicates of Train: optimistic) | {N_TEST} | {metrics['test']['accuracy']:.3f}" in card
+    assert card.startswith("---\nlicense: other") and "not a diagnostic device" in card and "user-supplied data folder" in card
+    assert f"| test split (not audited for near-duplicates of train) | {N_TEST} | {metrics['test']['accuracy']:.3f}" in card
     calibration = json.loads((out / "calibration.json").read_text())
     config = json.loads((out / "config.json").read_text())
     # the temperature lives in the head's weights, so every loader gets calibrated probabilities

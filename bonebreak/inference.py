@@ -197,14 +197,14 @@ class Predictor:
     @torch.inference_mode()
     def logits(self, images: Sequence[ImageSource], batch_size: int = 16) -> np.ndarray:
         """Raw logits (n_images, n_labels) for images or paths, decoded in batches."""
-        chunks = []
-        for start in range(0, len(images), batch_size):
-            pixels = self._batch([self.load(image) for image in images[start : start + batch_size]])
-            logits = self.forward(pixels)
-            if self.tta:
-                logits = (logits + self.forward(pixels.flip(-1))) / 2
-            chunks.append(logits.cpu().numpy())
+        chunks = [self._logits_of(self._batch([self.load(image) for image in images[start : start + batch_size]])).cpu().numpy()
+                  for start in range(0, len(images), batch_size)]
         return np.concatenate(chunks) if chunks else np.zeros((0, len(self.labels)))
+
+    def _logits_of(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Logits of a preprocessed batch, averaged with its mirror image under ``tta``."""
+        logits = self.forward(pixels)
+        return (logits + self.forward(pixels.flip(-1))) / 2 if self.tta else logits
 
     def probabilities(self, images: Sequence[ImageSource], batch_size: int = 16) -> np.ndarray:
         """Calibrated softmax probabilities (n_images, n_labels)."""
@@ -219,11 +219,24 @@ class Predictor:
             return None
         return self.ood.scores(self.embedder(list(images), load=self.load))
 
+    def _xray_scores(self, images: Sequence[Image.Image], pixels: torch.Tensor) -> np.ndarray | None:
+        """X-ray-check distances of decoded images; the classifier's preprocessed ``pixels`` serve
+        the embedder too when both preprocess alike, so nothing is preprocessed twice."""
+        if self.ood is None:
+            return None
+        return self.ood.scores(self.embedder.embed(pixels.cpu()) if self._shared_input else self.embedder(list(images), load=self.load))
+
+    @torch.inference_mode()
     def predictions(self, images: Sequence[ImageSource], batch_size: int = 16) -> list[Prediction]:
-        decoded = [self.load(image) for image in images]
-        probs = self.probabilities(decoded, batch_size)
-        scores = self.ood_scores(decoded)
-        return [self.to_prediction(p, None if scores is None else scores[i]) for i, p in enumerate(probs)]
+        """Decode, preprocess and classify each batch once; the X-ray check reuses the same input."""
+        results: list[Prediction] = []
+        for start in range(0, len(images), batch_size):
+            decoded = [self.load(image) for image in images[start : start + batch_size]]
+            pixels = self._batch(decoded)
+            probs = self._softmax(self._logits_of(pixels).cpu().numpy())
+            scores = self._xray_scores(decoded, pixels)
+            results += [self.to_prediction(p, None if scores is None else scores[i]) for i, p in enumerate(probs)]
+        return results
 
     def to_prediction(self, probs: np.ndarray, ood_score: float | None = None) -> Prediction:
         order = np.argsort(-probs)
@@ -259,9 +272,8 @@ class Predictor:
         with torch.inference_mode():
             if self.tta:
                 logits = (logits + self.forward(pixels.flip(-1))) / 2
+            scores = self._xray_scores([image], pixels)
         probs = self._softmax(logits.detach().cpu().numpy())[0]
-        scores = None if self.ood is None else self.ood.scores(
-            self.embedder.embed(pixels.cpu()) if self._shared_input else self.embedder([image], load=self.load))
         prediction = self.to_prediction(probs, None if scores is None else scores[0])
         if heatmap:
             target = self.labels.index(label) if label else int(probs.argmax()) if target is None else target

@@ -70,6 +70,10 @@ class DataArguments:
     max_train_samples: int | None = field(
         default=None, metadata={"help": "Use only the first N shuffled training images (quick experiments, tests)."}
     )
+    exclude_file: str | None = field(default=None, metadata={"help": "CSV with a 'path' column (absolute or relative to --data_dir): "
+                                     "training images to leave out (`python -m bonebreak.label_issues` writes some). Validation and Test keep them."})
+    relabel_file: str | None = field(default=None, metadata={"help": "CSV with 'path' and 'label' (or 'suggested_label') columns: training "
+                                     "images to train under another label. Validation and Test keep their original labels."})
 
     def __post_init__(self) -> None:
         if not 0 < self.val_fraction < 1:

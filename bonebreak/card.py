@@ -93,6 +93,20 @@ def _leak_count(counts: dict[str, dict[str, int]]) -> str:
     )
 
 
+def _training_edits(edits: dict[str, Any]) -> str:
+    """What --exclude_file / --relabel_file changed in the training images (never validation or Test)."""
+    lines = []
+    if "exclude_file" in edits:
+        e = edits["exclude_file"]
+        lines.append(f"- Left out of training: {e['excluded_from_train']} images listed in `{e['path']}` (sha256 {e['sha256']}); "
+                     "validation and Test keep every image.")
+    if "relabel_file" in edits:
+        e = edits["relabel_file"]
+        lines.append(f"- Trained under another label: {e['relabelled_in_train']} images listed in `{e['path']}` (sha256 {e['sha256']}); "
+                     "validation and Test keep their original labels.")
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
 def base_model(name: str) -> str | None:
     """A Hub id for the card's metadata, or None for a local folder."""
     if name.startswith("efficientnet_lite"):
@@ -154,7 +168,7 @@ Intervals are 95% percentile-bootstrap intervals over the evaluated images. {LEA
 - {summary["epochs_run"]:.0f} epochs ({summary["global_step"]} steps), {minutes:.1f} minutes on `{summary["device"]}`
   with {summary["world_size"]} process(es), mixed precision: {summary["mixed_precision"]}.
 - Arguments: `{json.dumps({k: v for k, v in summary["arguments"].items() if v is not None})}`
-
+{_training_edits(summary.get("training_edits") or {})}
 ## Files and inference
 
 - `model.safetensors` + `config.json`: the PyTorch weights (transformers `AutoModelForImageClassification`).

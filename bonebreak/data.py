@@ -17,7 +17,7 @@ import os
 import re
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -194,6 +194,7 @@ class LoadedData:
     grouped: bool = False  # splits come from a near-duplicate-grouped manifest
     root: Path = Path(".")
     manifest: Path | None = None
+    training_edits: dict[str, Any] = field(default_factory=dict)  # what --exclude_file & co. changed (training_set.py)
 
 
 def load_splits(
@@ -286,24 +287,6 @@ def cv_fold_data(data: LoadedData, k: int, seed: int) -> list[LoadedData]:
         kept = [i for i, p in enumerate(paths) if fold_of[p] != fold]
         splits = datasets.DatasetDict({"train": pool.select(kept), "validation": pool.select(held_out)})
         counts = {name: split_counts_of(ds, data.labels) for name, ds in splits.items()}
-        folds.append(LoadedData(splits, data.labels, counts, data.broken, data.layout, grouped=True))
+        folds.append(LoadedData(splits, data.labels, counts, data.broken, data.layout, grouped=True, root=data.root,
+                                manifest=data.manifest))
     return folds
-
-
-def training_splits(
-    data_dir: str | os.PathLike | None, *, val_fraction: float, seed: int, split_manifest: str | os.PathLike | None,
-    dedup_groups: bool, max_train_samples: int | None,
-) -> LoadedData:
-    """The splits a training run uses: ``load_splits``, then optionally one image per near-duplicate
-    group and the first ``max_train_samples`` shuffled training images (only train is thinned)."""
-    data = load_splits(resolve_data_dir(data_dir), val_fraction=val_fraction, seed=seed, split_manifest=split_manifest)
-    if dedup_groups:
-        before = len(data.splits["train"])
-        data.splits["train"] = one_per_group(data.splits["train"], data)
-        data.counts["train"] = split_counts_of(data.splits["train"], data.labels)
-        logger.info("--dedup_groups: %d of %d training images kept (one per near-duplicate group)", len(data.splits["train"]), before)
-    if max_train_samples:
-        train = data.splits["train"].shuffle(seed=seed)
-        data.splits["train"] = train.select(range(min(max_train_samples, len(train))))
-        data.counts["train"] = split_counts_of(data.splits["train"], data.labels)
-    return data

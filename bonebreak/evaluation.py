@@ -70,6 +70,31 @@ def metrics_with_intervals(truth: np.ndarray, probs: np.ndarray, labels: list[st
     return metrics
 
 
+PROBABILITIES_FILE = "probabilities.csv"  # every class's probability per image: out-of-fold inputs for label_issues
+
+
+def write_probabilities(path: Path, paths: list[str], given: list[str], probs: np.ndarray, labels: list[str]) -> Path:
+    """path, given label, then one column per class (the model's label order)."""
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label", *labels])
+        for image, label, row in zip(paths, given, probs):
+            writer.writerow([image, label, *(f"{p:.6f}" for p in row)])
+    return path
+
+
+def read_probabilities(path: str | Path) -> tuple[list[str], list[str], np.ndarray, list[str]]:
+    """paths, given labels, probabilities (n x classes) and the class names of a ``probabilities.csv``."""
+    with open(path, newline="") as handle:
+        rows = list(csv.reader(handle))
+    if not rows or rows[0][:2] != ["path", "label"]:
+        raise ValueError(f"{path}: not a probabilities file (expected a header 'path,label,<class>,...')")
+    labels = rows[0][2:]
+    body = rows[1:]
+    probs = np.array([[float(v) for v in row[2:]] for row in body]).reshape(len(body), len(labels))
+    return [row[0] for row in body], [row[1] for row in body], probs, labels
+
+
 def write_report(
     metrics: dict[str, Any],
     out_dir: str | Path,
@@ -99,6 +124,7 @@ def write_report(
                 order = np.argsort(-row)[:TOP_K]
                 top = [f"{labels[i]} ({row[i]:.3f})" for i in order]
                 writer.writerow([path, labels[true], labels[order[0]], f"{row[order[0]]:.4f}"] + top)
+        write_probabilities(out / PROBABILITIES_FILE, paths, [labels[t] for t in truth], probs, labels)
     return out
 
 

@@ -34,8 +34,14 @@ logger = logging.getLogger(__name__)
 class ExperimentArguments:
     recipes: list[str] = field(default_factory=list, metadata={"help": f"Recipes to run, in order: {', '.join(RECIPES)}."})
     data_dir: str | None = field(default=None, metadata={"help": "Dataset folder (default: $BONEBREAK_DATA, else data/bone-break)."})
-    seed: int = field(default=42, metadata={"help": "Seed of every run."})
+    seed: list[int] = field(
+        default_factory=lambda: [42],
+        metadata={"help": "Seed(s): each recipe runs once per seed. With --cv the seed also draws the folds, so "
+                  "`--cv 5 --seed 42 43` is the repeated grouped CV of docs/experiments.md."},
+    )
     cv: int = field(default=0, metadata={"help": "Grouped k-fold CV of each recipe instead of one train/validation run (e.g. 5)."})
+    resume: bool = field(default=False, metadata={"help": "Continue interrupted runs in --work_dir (finished CV folds are kept) "
+                                                  "instead of starting them over."})
     results_dir: str = field(default="benchmarks/results", metadata={"help": "Where the JSON records are appended."})
     work_dir: str = field(default="runs/experiments", metadata={"help": "Where run models go (large; not committed)."})
     table: bool = field(default=False, metadata={"help": "Only regenerate the markdown table from the records."})
@@ -64,10 +70,11 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     exp = parse(ExperimentArguments, argv)
     for name in exp.recipes:
-        logger.info("experiment %s (seed %d)", name, exp.seed)
-        path = save_record(run_recipe(name, exp), exp.results_dir)
-        logger.info("record written to %s", path)
-        write_table(exp)
+        for seed in exp.seed:
+            logger.info("experiment %s (seed %d)", name, seed)
+            path = save_record(run_recipe(name, exp, seed), exp.results_dir)
+            logger.info("record written to %s", path)
+            write_table(exp)
     if exp.ensemble:
         path = save_record(run_ensemble(exp), exp.results_dir)
         logger.info("record written to %s", path)

@@ -34,7 +34,8 @@ from .arguments import (
     parse_arguments,
     with_output_dir,
 )
-from .data import DecodedImages, LoadedData, cv_fold_data, resolve_data_dir, training_splits
+from .data import DecodedImages, LoadedData, cv_fold_data, load_splits, resolve_data_dir
+from .evaluation import PROBABILITIES_FILE
 from .metrics import classification_metrics, headline
 from .models import create_model
 from .packaging import final_message, package_model
@@ -48,6 +49,7 @@ from .recipe_extras import (
     make_loss,
     mix_batch,
 )
+from .training_set import edit_training_split
 from .transforms import EQUALIZE_KEY, AugmentConfig, collate, eval_transform, preprocess_config_from_processor, train_transform
 
 logger = logging.getLogger(__name__)
@@ -55,10 +57,21 @@ logger = logging.getLogger(__name__)
 RESUME_FILES = ("trainer_state.json", "model.safetensors", "optimizer.pt", "scheduler.pt")
 
 
+def load_data(data: DataArguments, seed: int) -> LoadedData:
+    """Every split of ``--data_dir`` as found, before the options that thin or fix the training images."""
+    return load_splits(resolve_data_dir(data.data_dir), val_fraction=data.val_fraction, seed=seed, split_manifest=data.split_manifest)
+
+
+def edit_training(data: LoadedData, options: DataArguments, seed: int) -> LoadedData:
+    """``--dedup_groups``, ``--exclude_file``, ``--relabel_file``, ``--max_train_samples``: the train split only."""
+    edited, _ = edit_training_split(data, seed=seed, dedup_groups=options.dedup_groups, exclude_file=options.exclude_file,
+                                    relabel_file=options.relabel_file, max_train_samples=options.max_train_samples)
+    return edited
+
+
 def prepare_data(data: DataArguments, seed: int) -> LoadedData:
-    """The splits of ``--data_dir`` as this run's data arguments ask for them."""
-    return training_splits(data.data_dir, val_fraction=data.val_fraction, seed=seed, split_manifest=data.split_manifest,
-                           dedup_groups=data.dedup_groups, max_train_samples=data.max_train_samples)
+    """The splits a run trains and evaluates on, as this run's data arguments ask for them."""
+    return edit_training(load_data(data, seed), data, seed)
 
 
 def make_compute_metrics(labels: list[str]):
@@ -196,6 +209,7 @@ def summarise(arguments: Arguments, data: LoadedData, trainer: Trainer, train_se
         "grouped_splits": data.grouped,
         "counts": data.counts,
         "skipped_files": [{"path": str(p), "reason": r} for p, r in data.broken],
+        "training_edits": data.training_edits,
         "world_size": trainer.args.world_size,
         "device": str(trainer.args.device),
         "mixed_precision": "bf16" if trainer.args.bf16 else "fp16" if trainer.args.fp16 else "no",
@@ -248,28 +262,57 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, args: Bon
     return summary
 
 
+def fold_result(fold_dir: Path) -> dict[str, Any]:
+    """The held-out fold's scores as users get them (the saved fp32 model, calibrated), from its report."""
+    report = json.loads((fold_dir / "eval_validation" / "metrics.json").read_text())
+    return {"n_validation": report["n"], **headline(report)}
+
+
+def merge_out_of_fold(fold_dirs: list[Path], out: Path) -> Path:
+    """Every held-out fold's ``probabilities.csv`` in one file: each Train image scored by the model that did not see it."""
+    lines: list[str] = []
+    for folder in fold_dirs:
+        text = (folder / "eval_validation" / PROBABILITIES_FILE).read_text().splitlines()
+        lines += text if not lines else text[1:]  # one header
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
 def run_cv(model_args: ModelArguments, data_args: DataArguments, args: BoneBreakTrainingArguments) -> dict:
-    """Grouped k-fold cross-validation of the recipe: mean and spread of validation metrics."""
+    """Grouped k-fold cross-validation of the recipe over the Train folder.
+
+    The folds (``--seed`` picks them) are drawn from all of Train before any training-set option applies, so two
+    recipes with the same seed are scored on exactly the same held-out images with their original labels; the
+    options (``--exclude_file`` & co.) thin or relabel each fold's training part only. Writes ``cv.json`` and
+    ``oof_probabilities.csv`` (input of ``python -m bonebreak.label_issues``).
+    """
     args = with_output_dir(args, model_args.model)
-    data = prepare_data(data_args, args.seed)
-    per_fold = []
+    data = load_data(data_args, args.seed)
+    per_fold, fold_dirs = [], []
     for fold, fold_data in enumerate(cv_fold_data(data, args.cv_folds, args.seed)):
         fold_args = replace(args, output_dir=str(Path(args.output_dir) / f"fold{fold}"), evaluate_test=False, cv_folds=0,
                             overwrite_output_dir=args.overwrite_output_dir or not args.resume)
-        summary = run_training(model_args, data_args, fold_args, fold_data)
-        per_fold.append({"fold": fold, "n_validation": len(fold_data.splits["validation"]), "train_seconds": summary["train_seconds"],
-                         **{k.removeprefix("eval_"): v for k, v in summary["validation"].items() if k.endswith(("accuracy", "f1"))}})
+        fold_data = edit_training(fold_data, data_args, args.seed)
+        fold_dirs.append(Path(fold_args.output_dir))
+        if args.resume and (fold_dirs[-1] / "eval_validation" / PROBABILITIES_FILE).is_file():  # finished before an interruption
+            logger.info("--resume: fold %d was finished before, reusing %s", fold, fold_dirs[-1])
+            summary = json.loads((fold_dirs[-1] / "metrics.json").read_text())
+        else:
+            summary = run_training(model_args, data_args, fold_args, fold_data)
+        per_fold.append({"seed": args.seed, "fold": fold, "n_train": len(fold_data.splits["train"]),
+                         "train_seconds": summary["train_seconds"], **fold_result(fold_dirs[-1])})
         shutil.rmtree(fold_args.work_dir, ignore_errors=True)  # resumable state is not needed once a fold is done
     keys = [k for k in per_fold[0] if k.endswith(("accuracy", "f1"))]
     recipe = arguments_record(model_args, data_args, args)
     result = {
         "folds": args.cv_folds,
+        "seed": args.seed,
         "recipe": {k: v for k, v in recipe.items() if k not in ("output_dir", "cv_folds")},
         "per_fold": per_fold,
         "mean": {k: float(np.mean([f[k] for f in per_fold])) for k in keys},
         "std": {k: float(np.std([f[k] for f in per_fold], ddof=1)) for k in keys},
+        "out_of_fold": str(merge_out_of_fold(fold_dirs, Path(args.output_dir) / "oof_probabilities.csv")),
     }
-    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     (Path(args.output_dir) / "cv.json").write_text(json.dumps(result, indent=2))
     logger.info("grouped %d-fold CV: macro-F1 %.3f +- %.3f, accuracy %.3f +- %.3f", args.cv_folds, result["mean"]["macro_f1"],
                 result["std"]["macro_f1"], result["mean"]["accuracy"], result["std"]["accuracy"])

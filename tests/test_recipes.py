@@ -102,7 +102,7 @@ def test_every_recipe_is_a_valid_training_command():
     exp = experiments.ExperimentArguments(recipes=list(experiments.RECIPES))
     defaults = parse_arguments([])
     for name in experiments.RECIPES:
-        arguments = experiment_runs.recipe_arguments(name, exp)
+        arguments = experiment_runs.recipe_arguments(name, exp, 42)
         for key, value in read_recipe(name).items():
             (owner,) = [a for a in arguments if hasattr(a, key)]
             assert getattr(owner, key) == value, (name, key)

@@ -1,0 +1,66 @@
+"""The selection protocol: a recipe against the baseline on the same grouped CV folds, fold by fold.
+
+Repeated grouped K-fold CV (``python -m bonebreak.experiments --recipes R --cv 5 --seed 42 43``) scores
+every recipe on identical held-out folds (the seed draws the folds; near-duplicate groups never straddle
+them; held-out images keep their original labels). Fold difficulty varies far more than recipes do, so
+the comparison is paired: the gain is recipe minus baseline on the same (seed, fold), and its 95%
+interval is a Student-t interval over those paired differences (with a percentile bootstrap beside it).
+A recipe is adopted only when the whole interval lies above zero.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import numpy as np
+from scipy import stats
+
+LEVEL = 0.95
+
+
+def fold_scores(records: Iterable[dict[str, Any]], metric: str) -> dict[tuple[int, int], float]:
+    """(seed, fold) -> the held-out fold's score, over CV records of one recipe (one record per seed)."""
+    scores: dict[tuple[int, int], float] = {}
+    for record in records:
+        for fold in record["cv"]["per_fold"]:
+            key = (int(fold.get("seed", record["seed"])), int(fold["fold"]))
+            if key in scores:
+                raise ValueError(f"recipe {record['recipe']}: (seed, fold) {key} appears in two records; keep one run per seed")
+            scores[key] = float(fold[metric])
+    return scores
+
+
+def t_interval(differences: np.ndarray, level: float = LEVEL) -> tuple[float, float]:
+    n = len(differences)
+    if n < 2:
+        return (float("nan"), float("nan"))
+    half = stats.t.ppf(0.5 + level / 2, n - 1) * differences.std(ddof=1) / np.sqrt(n)
+    return (float(differences.mean() - half), float(differences.mean() + half))
+
+
+def bootstrap_interval(differences: np.ndarray, level: float = LEVEL, resamples: int = 10000, seed: int = 0) -> tuple[float, float]:
+    if len(differences) < 2:
+        return (float("nan"), float("nan"))
+    draws = np.random.default_rng(seed).choice(differences, size=(resamples, len(differences)), replace=True).mean(axis=1)
+    low, high = np.quantile(draws, [0.5 - level / 2, 0.5 + level / 2])
+    return (float(low), float(high))
+
+
+def paired_gain(baseline: Iterable[dict[str, Any]], candidate: Iterable[dict[str, Any]], metric: str) -> dict[str, Any]:
+    """Mean paired gain of ``candidate`` over ``baseline`` on their shared (seed, fold) pairs, with intervals."""
+    base, cand = fold_scores(baseline, metric), fold_scores(candidate, metric)
+    shared = sorted(base.keys() & cand.keys())
+    differences = np.array([cand[key] - base[key] for key in shared])
+    t_low, t_high = t_interval(differences)
+    return {
+        "metric": metric,
+        "pairs": len(shared),
+        "seeds": sorted({seed for seed, _ in shared}),
+        "baseline_mean": float(np.mean([base[k] for k in shared])) if shared else float("nan"),
+        "candidate_mean": float(np.mean([cand[k] for k in shared])) if shared else float("nan"),
+        "gain": float(differences.mean()) if shared else float("nan"),
+        "t_interval": [t_low, t_high],
+        "bootstrap_interval": list(bootstrap_interval(differences)),
+        "differences": [round(float(d), 4) for d in differences],
+        "adopt": bool(len(shared) >= 2 and t_low > 0),
+    }

@@ -51,7 +51,7 @@ def out_of_fold(cv_dirs: Sequence[str | os.PathLike]) -> tuple[list[str], list[s
         if labels is not None and names != labels:
             raise ValueError(f"--cv_dir {folder}: its classes {names} differ from the other runs' {labels}")
         labels = names
-        for path, label, row in zip(paths, truth, probs):
+        for path, label, row in zip(map(os.path.abspath, paths), truth, probs):  # one key per image however the folder was named
             sums[path] = sums.get(path, 0) + row
             seen[path] += 1
             given[path] = label
@@ -73,17 +73,17 @@ def test_probabilities(cv_dirs: Sequence[str | os.PathLike], data: LoadedData, s
     dataset = data.splits[split]
     truth = [data.labels[i] for i in dataset["label"]]
     members = [predict_dataset(member, dataset) for member in ensemble.members]
-    return image_paths(dataset), truth, np.mean(members, axis=0)
+    return [os.path.abspath(p) for p in image_paths(dataset)], truth, np.mean(members, axis=0)
 
 
 def conflicting_groups(paths: Sequence[str], given: Sequence[str], data: LoadedData) -> dict[str, tuple[str, list[str]]]:
     """path -> (group, the group's labels) for the images whose near-duplicate group carries more than one label."""
     if data.manifest is None:
         return {}
-    group_of = {str(path): group for path, group in read_manifest_groups(data.manifest, data.root).items()}
+    group_of = {os.path.abspath(path): group for path, group in read_manifest_groups(data.manifest, data.root).items()}
     labels_of: dict[str, set[str]] = defaultdict(set)
     for split in data.splits.values():
-        for path, label in zip(image_paths(split), split["label"]):
+        for path, label in zip(map(os.path.abspath, image_paths(split)), split["label"]):
             labels_of[group_of[path]].add(data.labels[label])
     result = {}
     for path in paths:
@@ -117,7 +117,7 @@ def issue_rows(data: LoadedData, cv_dirs: Sequence[str | os.PathLike], test_spli
     for i, path in enumerate(paths):
         best = int(np.argmax(probs[i]))
         group, group_labels = conflicts.get(path, ("", []))
-        rows.append({"path": relative_path(Path(path), data.root), "split": splits[i], "given_label": given[i],
+        rows.append({"path": relative_path(Path(path), Path(os.path.abspath(data.root))), "split": splits[i], "given_label": given[i],
                      "suggested_label": labels[best], "label_quality": round(float(quality[i]), 4),
                      "suggested_probability": round(float(probs[i, best]), 4), "flagged_by_cleanlab": bool(flagged[i]),
                      "conflicting_group": bool(group), "group": group, "group_labels": "|".join(group_labels)})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -118,7 +119,8 @@ def test_cv_with_exclusions_scores_every_image_then_label_issues_reports(handful
     assert [(out / f"fold{k}" / "model.safetensors").stat().st_mtime_ns == stamps[k] for k in range(3)] == [True, True, False]
     assert again["per_fold"][:2] == result["per_fold"][:2] and len(rows_of(out / "oof_probabilities.csv")) == 30
     report = tmp_path / "report"
-    summary = label_issues.main(["--cv_dir", str(out), "--data_dir", str(handful), "--split_manifest", str(manifest),
+    # the folder named another way than in the CV run (relative, not absolute): the same images
+    summary = label_issues.main(["--cv_dir", str(out), "--data_dir", os.path.relpath(handful), "--split_manifest", str(manifest),
                                  "--out_dir", str(report)])
     issues = rows_of(report / "label_issues.csv")
     assert len(issues) == 30 + 10 and {r["split"] for r in issues} == {"train", "clean_test"}

@@ -182,10 +182,13 @@ Label errors (`python -m bonebreak.label_issues --cv_dir <the baseline's CV fold
 learning on the baseline CV's out-of-fold probabilities (every Train image scored by a fold model that saw
 neither it nor its near-copies) plus the audit's near-duplicate groups whose copies carry different labels;
 it writes `reports/label_issues/` (the CSV, `exclude_*.csv` and `relabel_cleanlab.csv` for `train.py`, a
-contact sheet and a summary that also counts the clean-Test labels that look wrong). The flags depend on the
-baseline's fold models, which saw the other folds' labels, so a recipe built from them is judged on the same
-folds it was derived from: a mild optimism the paired table does not remove. The recipes `exclude_cleanlab`,
-`exclude_conflicting_groups` and `relabel_cleanlab` read those files.
+contact sheet and a summary that also counts the clean-Test labels that look wrong). Two thresholds:
+`exclude_cleanlab.csv` holds every cleanlab flag (with fold models about 40% accurate, close to half of Train),
+`exclude_cleanlab_confident.csv` only the flags where the fold models give the other label at least 0.5
+(`--min_probability`), and `relabel_cleanlab.csv` relabels only those. The flags depend on the baseline's fold
+models, which saw the other folds' labels, so a recipe built from them is judged on the same folds it was
+derived from: a mild optimism the paired table does not remove. The recipes `exclude_cleanlab`,
+`exclude_cleanlab_confident`, `exclude_conflicting_groups` and `relabel_cleanlab` read those files.
 """
 
 

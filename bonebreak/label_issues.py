@@ -3,8 +3,9 @@
 Reads the out-of-fold probabilities of one or more grouped-CV runs (``python -m bonebreak.experiments
 --recipes baseline --cv 5 --seed 42 43``, or ``python train.py --cv_folds 5``), ranks likely label
 errors with cleanlab's confident learning, adds the near-duplicate groups whose copies disagree, and
-writes ``reports/label_issues/``: label_issues.csv, exclude_cleanlab.csv, exclude_conflicting_groups.csv,
-relabel_cleanlab.csv (inputs of ``train.py --exclude_file / --relabel_file``), contact_sheet.png and
+writes ``reports/label_issues/``: label_issues.csv, exclude_cleanlab.csv (every cleanlab flag),
+exclude_cleanlab_confident.csv (the strict threshold, --min_probability), exclude_conflicting_groups.csv,
+relabel_cleanlab.csv (strict flags only; inputs of ``train.py --exclude_file / --relabel_file``), contact_sheet.png and
 summary.md/json, including how many clean-Test labels look wrong. See docs/experiments.md.
 """
 
@@ -29,6 +30,11 @@ class LabelIssueArguments:
     split_manifest: str = field(default="auto", metadata={"help": "Grouped split manifest (as in train.py): defines clean Test and the groups."})
     test_split: str = field(default="auto", metadata={"help": "Test split to check too: 'auto' (clean_test when defined), a split name, or 'none'."})
     out_dir: str = field(default="reports/label_issues", metadata={"help": "Where the reports go."})
+    min_probability: float = field(
+        default=0.5,
+        metadata={"help": "Strict threshold: exclude_cleanlab_confident.csv and relabel_cleanlab.csv keep only flagged images whose "
+                  "suggested label gets at least this out-of-fold probability (exclude_cleanlab.csv keeps every cleanlab flag)."},
+    )
 
     def __post_init__(self) -> None:
         if not self.cv_dir:
@@ -41,7 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse(LabelIssueArguments, argv)
     data = load_splits(resolve_data_dir(args.data_dir), split_manifest=args.split_manifest)
     test_split = None if args.test_split == "none" else args.test_split
-    summary = write_label_issues(data, args.cv_dir, args.out_dir, test_split)
+    summary = write_label_issues(data, args.cv_dir, args.out_dir, test_split, args.min_probability)
     print(format_summary(summary, summary.get("test_split")), end="")
     print(f"Reports: {args.out_dir}/ (label_issues.csv, exclude_*.csv, relabel_cleanlab.csv, contact_sheet.png, summary.md)")
     return summary

@@ -131,6 +131,9 @@ def test_cv_with_exclusions_scores_every_image_then_label_issues_reports(handful
     flagged_train = [r["path"] for r in issues if r["split"] == "train" and r["flagged_by_cleanlab"] == "True"]
     assert [r["path"] for r in rows_of(report / "exclude_cleanlab.csv")] == flagged_train
     assert summary["train"]["flagged_by_cleanlab"] == len(flagged_train)
+    strict = [r["path"] for r in issues if r["split"] == "train" and r["flagged_by_cleanlab"] == "True" and float(r["suggested_probability"]) >= 0.5]
+    assert [r["path"] for r in rows_of(report / "exclude_cleanlab_confident.csv")] == strict == [r["path"] for r in rows_of(report / "relabel_cleanlab.csv")]
+    assert summary["train"]["flagged_confidently"] == len(strict) and summary["min_probability"] == 0.5
     assert {r["path"] for r in rows_of(report / "exclude_conflicting_groups.csv")} == {p for p in conflicted if "/Train/" in p}
     assert json.loads((report / "summary.json").read_text())["clean_test"]["images"] == 10
     assert "clean_test" in (report / "summary.md").read_text()
@@ -143,6 +146,9 @@ def test_cv_with_exclusions_scores_every_image_then_label_issues_reports(handful
 
 
 def test_label_issues_needs_a_cv_run(tmp_path):
+    with pytest.raises(ValueError, match="--min_probability must be in"):
+        label_issues.main(["--cv_dir", str(tmp_path), "--data_dir", "tests/fixtures/bone-break-mini", "--split_manifest", "none",
+                           "--min_probability", "0"])
     with pytest.raises(ValueError, match="--cv_dir is required"):
         label_issues.main(["--out_dir", str(tmp_path)])
     with pytest.raises(ValueError, match="no oof_probabilities.csv"):

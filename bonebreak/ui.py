@@ -53,6 +53,8 @@ def describe(label: str) -> str:
     if info is None:
         return f"No background text is available for **{label}**."
     lines = [f"### {label} fracture"] + [f"- **{title}:** {info[key]}" for key, title in INFO_FIELDS]
+    if "confused_with" in info:  # only for the type pairs the label audit found models and labels confusing systematically
+        lines.append(f"- **Often confused:** {info['confused_with']}")
     lines.append(f"\n<sub>Source: {fracture_info()['_source']}</sub>")
     return "\n".join(lines)
 

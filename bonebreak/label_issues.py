@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from .cli import parse
 from .data import load_splits, resolve_data_dir
-from .label_quality import format_summary, write_label_issues
+from .label_quality import MIN_PROBABILITY, format_summary, write_label_issues
 
 
 @dataclass
@@ -31,7 +31,7 @@ class LabelIssueArguments:
     test_split: str = field(default="auto", metadata={"help": "Test split to check too: 'auto' (clean_test when defined), a split name, or 'none'."})
     out_dir: str = field(default="reports/label_issues", metadata={"help": "Where the reports go."})
     min_probability: float = field(
-        default=0.5,
+        default=MIN_PROBABILITY,
         metadata={"help": "Strict threshold: exclude_cleanlab_confident.csv and relabel_cleanlab.csv keep only flagged images whose "
                   "suggested label gets at least this out-of-fold probability (exclude_cleanlab.csv keeps every cleanlab flag)."},
     )

@@ -32,6 +32,7 @@ from .splits import Split, read_manifest_groups, relative_path
 logger = logging.getLogger(__name__)
 
 OOF_FILE = "oof_probabilities.csv"
+MIN_PROBABILITY = 0.5  # the strict threshold's default: the fold models favour the other label over all others together
 COLUMNS = ("path", "split", "given_label", "suggested_label", "label_quality", "suggested_probability", "flagged_by_cleanlab",
            "conflicting_group", "group", "group_labels")
 
@@ -156,18 +157,19 @@ def contact_sheet(rows: Sequence[dict[str, Any]], root: Path, path: Path, count:
     return path
 
 
-def summarise(rows: Sequence[dict[str, Any]], test_split: str | None, cv_dirs: Sequence[str], min_probability: float = 0.5) -> dict[str, Any]:
-    def count(split: str, key: str) -> int:
-        return sum(1 for r in rows if r["split"] == split and r[key])
+def summarise(rows: Sequence[dict[str, Any]], test_split: str | None, cv_dirs: Sequence[str],
+              min_probability: float = MIN_PROBABILITY) -> dict[str, Any]:
+    def count(split: str, keep: Any) -> int:
+        return sum(1 for r in rows if r["split"] == split and keep(r))
 
     summary: dict[str, Any] = {"cv_runs": list(map(str, cv_dirs)), "test_split": test_split, "method": "cleanlab find_label_issues(prune_by_noise_rate), "
                                "label quality = self-confidence of out-of-fold probabilities", "min_probability": min_probability}
     for split in [str(Split.TRAIN)] + ([test_split] if test_split else []):
         n = sum(1 for r in rows if r["split"] == split)
-        summary[split] = {"images": n, "flagged_by_cleanlab": count(split, "flagged_by_cleanlab"),
-                          "flagged_confidently": sum(1 for r in rows if r["split"] == split and confidently_flagged(r, min_probability)),
-                          "in_conflicting_groups": count(split, "conflicting_group"),
-                          "flagged_by_either": sum(1 for r in rows if r["split"] == split and (r["flagged_by_cleanlab"] or r["conflicting_group"]))}
+        summary[split] = {"images": n, "flagged_by_cleanlab": count(split, lambda r: r["flagged_by_cleanlab"]),
+                          "flagged_confidently": count(split, lambda r: confidently_flagged(r, min_probability)),
+                          "in_conflicting_groups": count(split, lambda r: r["conflicting_group"]),
+                          "flagged_by_either": count(split, lambda r: r["flagged_by_cleanlab"] or r["conflicting_group"])}
     if test_split and summary[test_split]["images"]:
         flagged, n = summary[test_split]["flagged_by_cleanlab"], summary[test_split]["images"]
         summary[test_split]["accuracy_ceiling_if_flags_are_wrong"] = round((n - flagged) / n, 3)
@@ -204,7 +206,7 @@ def confidently_flagged(row: dict[str, Any], min_probability: float) -> bool:
 
 
 def write_label_issues(data: LoadedData, cv_dirs: Sequence[str], out_dir: str | os.PathLike, test_split: str | None = "auto",
-                       min_probability: float = 0.5) -> dict[str, Any]:
+                       min_probability: float = MIN_PROBABILITY) -> dict[str, Any]:
     """label_issues.csv (every scored image), exclude_*.csv / relabel_cleanlab.csv for training, contact_sheet.png, summary."""
     if not 0 < min_probability <= 1:
         raise ValueError(f"--min_probability must be in (0, 1], got {min_probability}")

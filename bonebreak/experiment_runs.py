@@ -10,12 +10,14 @@ import json
 import logging
 import os
 import platform
+import shlex
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from .data import image_paths
 from .evaluation import evaluate_split, metrics_with_intervals, predict_dataset, true_indices
@@ -48,7 +50,7 @@ def recipe_arguments(name: str, exp: Any, seed: int) -> tuple:
         argv += ["--num_train_epochs", str(exp.epochs)]
     if exp.cv:
         argv += ["--cv_folds", str(exp.cv)]
-    return parse_arguments(argv)
+    return parse_arguments(argv + shlex.split(exp.train_flags))
 
 
 def git_commit() -> str:
@@ -127,7 +129,10 @@ def run_recipe(name: str, exp: Any, seed: int) -> dict[str, Any]:
         "commit": git_commit(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-                    "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"},
+                    "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+                    "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+        "train_flags": exp.train_flags,
+        "note": exp.note,
     }
     if exp.cv:
         cv = run_cv(model_args, data_args, args)
@@ -251,28 +256,44 @@ def render_table(records: list[dict[str, Any]]) -> str:
     cv_runs = [r for r in records if r["kind"].startswith("cv")]
     if cv_runs:
         lines += ["", "## Grouped cross-validation over Train, one row per seed (mean +- std over folds)", "",
-                  "| recipe | folds | seed | accuracy | macro-F1 | top-3 | wall min | commit |", "|---|---|---|---|---|---|---|---|"]
-        for r in cv_runs:
+                  "| recipe | folds | seed | accuracy | macro-F1 | top-3 | wall min | machine / note | commit |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in sorted(cv_runs, key=lambda r: (r.get("note") or "", r["recipe"], r["seed"], r.get("started", ""))):
             mean, std = r["cv"]["mean"], r["cv"]["std"]
             cells = " | ".join(f"{mean[m]:.3f} +- {std[m]:.3f}" for m in METRICS)
-            lines.append(f"| {r['recipe']} | {r['kind'][2:]} | {r['seed']} | {cells} | {r['wall_seconds'] / 60:.0f} | {r['commit']} |")
+            where = r["machine"].get("gpu") or f"{r['machine']['cpus']}-core CPU"
+            note = f" ({r['note']})" if r.get("note") else ""
+            lines.append(f"| {r['recipe']} | {r['kind'][2:]} | {r['seed']} | {cells} | {r['wall_seconds'] / 60:.0f} | {where}{note} | {r['commit']} |")
         lines += paired_table(cv_runs)
     return "\n".join(lines) + "\n"
 
 
+def latest_per_seed(cv_runs: list[dict[str, Any]]) -> dict[tuple[str, str | None, str], list[dict[str, Any]]]:
+    """(CV kind, note, recipe) -> the newest record of each seed. Runs are compared only within one kind and note
+    (a note marks runs on other data or hardware, e.g. the GPU sweeps on a resized copy), and a rerun of a recipe
+    and seed supersedes the older record, which stays in benchmarks/results/."""
+    newest: dict[tuple[str, str | None, str, int], dict[str, Any]] = {}
+    for r in sorted(cv_runs, key=lambda r: r.get("started", "")):
+        newest[(r["kind"], r.get("note"), r["recipe"], r["seed"])] = r
+    grouped: dict[tuple[str, str | None, str], list[dict[str, Any]]] = {}
+    for (kind, note, recipe, _), r in sorted(newest.items(), key=lambda item: str(item[0])):
+        grouped.setdefault((kind, note, recipe), []).append(r)
+    return grouped
+
+
 def paired_table(cv_runs: list[dict[str, Any]]) -> list[str]:
     """The selection protocol (bonebreak/protocol.py): each recipe minus the baseline on the same seeds and folds."""
-    by_recipe: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for r in cv_runs:
-        by_recipe.setdefault((r["kind"], r["recipe"]), []).append(r)
+    by_recipe = latest_per_seed(cv_runs)
     lines = ["", "## Selection protocol: paired gain over the baseline on the same CV folds and seeds", "",
              "Gain = recipe minus baseline on each (seed, fold), averaged; brackets are the 95% Student-t interval over those "
-             "pairs (percentile bootstrap after it). Adopt only when the whole t interval of the macro-F1 gain is above zero.", "",
-             "| recipe | CV | seeds | pairs | macro-F1 (recipe / baseline) | macro-F1 gain [t 95%] (bootstrap) | accuracy gain [t 95%] | "
-             "top-3 gain [t 95%] | adopt |", "|---|---|---|---|---|---|---|---|---|"]
+             "pairs (percentile bootstrap after it). Adopt only when the whole t interval of the macro-F1 gain is above zero.",
+             "Pairs use the newest record of each recipe and seed, and only records with the same note (the note column: runs on "
+             "other data or hardware are never paired with these).", "",
+             "| recipe | CV | note | seeds | pairs | macro-F1 (recipe / baseline) | macro-F1 gain [t 95%] (bootstrap) | accuracy gain [t 95%] | "
+             "top-3 gain [t 95%] | adopt |", "|---|---|---|---|---|---|---|---|---|---|"]
     rows = 0
-    for (kind, recipe), records in sorted(by_recipe.items()):
-        baseline = by_recipe.get((kind, "baseline"))
+    for (kind, note, recipe), records in sorted(by_recipe.items(), key=lambda item: (item[0][0], item[0][1] or "", item[0][2])):
+        baseline = by_recipe.get((kind, note, "baseline"))
         if recipe == "baseline" or not baseline:
             continue
         gains = {m: paired_gain(baseline, records, m) for m in METRICS}
@@ -281,7 +302,7 @@ def paired_table(cv_runs: list[dict[str, Any]]) -> list[str]:
         f1 = gains["macro_f1"]
         cells = [f"{g['gain']:+.3f} [{g['t_interval'][0]:+.3f}, {g['t_interval'][1]:+.3f}]" for g in gains.values()]
         boot = f1["bootstrap_interval"]
-        lines.append(f"| {recipe} | {kind[2:]}-fold | {', '.join(map(str, f1['seeds']))} | {f1['pairs']} | "
+        lines.append(f"| {recipe} | {kind[2:]}-fold | {note or '-'} | {', '.join(map(str, f1['seeds']))} | {f1['pairs']} | "
                      f"{f1['candidate_mean']:.3f} / {f1['baseline_mean']:.3f} | {cells[0]} ({boot[0]:+.3f}, {boot[1]:+.3f}) | "
                      f"{cells[1]} | {cells[2]} | {'yes' if f1['adopt'] else 'no'} |")
         rows += 1

@@ -48,6 +48,12 @@ class ExperimentArguments:
     table_path: str = field(default="docs/experiments.md", metadata={"help": "Markdown table written after every run."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Train on the first N shuffled images (smoke tests)."})
     epochs: float | None = field(default=None, metadata={"help": "Override every recipe's epochs (smoke tests)."})
+    train_flags: str = field(
+        default="",
+        metadata={"help": "Extra train.py flags for every run, as one quoted string, e.g. --train_flags '--dataloader_num_workers 8' "
+                  "on a many-core GPU machine. Recorded; they must not change the recipe under comparison."},
+    )
+    note: str | None = field(default=None, metadata={"help": "Free text stored in each record (e.g. how the data differ)."})
     ensemble: list[str] = field(
         default_factory=list,
         metadata={"help": "Instead of training, evaluate the mean of these checkpoints' probabilities (e.g. runs/cv5/fold*)."},

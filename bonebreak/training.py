@@ -198,7 +198,19 @@ def restore_best_model(trainer: Trainer) -> None:
         load_weights(trainer.accelerator.unwrap_model(trainer.model), trainer.state.best_model_checkpoint)
 
 
-def summarise(arguments: Arguments, data: LoadedData, trainer: Trainer, train_seconds: float, validation: dict) -> dict:
+def device_record(device: torch.device, train_metrics: dict[str, float]) -> dict:
+    """What ran the training and how fast: the GPU's name and peak memory (None on a CPU), and the Trainer's
+    images per second over the whole run (data loading and the per-epoch evaluations included)."""
+    cuda = device.type == "cuda"
+    return {
+        "accelerator": torch.cuda.get_device_name(device) if cuda else None,
+        "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if cuda else None,
+        "train_images_per_second": train_metrics.get("train_samples_per_second"),
+    }
+
+
+def summarise(arguments: Arguments, data: LoadedData, trainer: Trainer, train_seconds: float, validation: dict,
+              train_metrics: dict[str, float]) -> dict:
     model_args, data_args, _ = arguments
     state = trainer.state
     return {
@@ -212,6 +224,7 @@ def summarise(arguments: Arguments, data: LoadedData, trainer: Trainer, train_se
         "training_edits": data.training_edits,
         "world_size": trainer.args.world_size,
         "device": str(trainer.args.device),
+        **device_record(trainer.args.device, train_metrics),
         "mixed_precision": "bf16" if trainer.args.bf16 else "fp16" if trainer.args.fp16 else "no",
         "global_step": state.global_step,
         "epochs_run": state.epoch,
@@ -246,11 +259,11 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, args: Bon
         load_weights(model, checkpoint)  # Trainer restores optimizer, scheduler, RNG and step
     trainer = build_trainer(model_args, data_args, args, data, model, processor)
     started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=checkpoint)
+    output = trainer.train(resume_from_checkpoint=checkpoint)
     train_seconds = time.perf_counter() - started
     restore_best_model(trainer)
     validation = trainer.evaluate()  # on every process: evaluation is collective under DDP
-    summary = summarise((model_args, data_args, args), data, trainer, train_seconds, validation)
+    summary = summarise((model_args, data_args, args), data, trainer, train_seconds, validation, output.metrics)
     if trainer.is_world_process_zero():
         model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)  # the fp32 forward users get
         saved, reports = package_model(model, processor, data, summary, trainer.state.log_history, args.output_dir,

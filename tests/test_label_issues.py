@@ -13,6 +13,7 @@ from conftest import write_manifest
 
 from bonebreak import label_issues
 from bonebreak.data import image_paths, load_splits
+from bonebreak.experiment_runs import METRICS, latest_per_seed, paired_table
 from bonebreak.label_quality import score_labels
 from bonebreak.protocol import paired_gain
 from bonebreak.training import main
@@ -56,6 +57,24 @@ def test_paired_gain_sees_a_small_consistent_gain_that_the_spread_hides():
     noisy = [{"recipe": "n", "seed": 42, "cv": {"per_fold": [{"fold": f, "macro_f1": 0.3 + 0.05 * f + (0.04 if f % 2 else -0.04)}
                                                             for f in range(5)]}}]
     assert not paired_gain(base, noisy, "macro_f1")["adopt"]  # pairs come from the record's seed when folds lack one
+
+
+def _cv_record(recipe: str, seed: int, score: float, started: str, note: str | None = None) -> dict:
+    return {"recipe": recipe, "seed": seed, "kind": "cv5", "note": note, "started": started,
+            "cv": {"per_fold": [{"seed": seed, "fold": f, **{m: score + 0.01 * f for m in METRICS}} for f in range(5)]}}
+
+
+def test_paired_table_uses_the_newest_run_per_seed_and_never_pairs_across_notes():
+    gpu = "GPU, resized copy"
+    runs = [_cv_record("baseline", 42, 0.30, "2026-11-26T10"), _cv_record("baseline", 42, 0.40, "2026-11-27T10"),  # a rerun
+            _cv_record("clean", 42, 0.42, "2026-11-26T12"),
+            _cv_record("baseline", 42, 0.10, "2026-11-27T11", note=gpu), _cv_record("clean", 42, 0.13, "2026-11-27T11", note=gpu)]
+    assert [r["started"] for r in latest_per_seed(runs)[("cv5", None, "baseline")]] == ["2026-11-27T10"]
+    rows = [line for line in paired_table(runs) if line.startswith("| clean")]
+    assert len(rows) == 2
+    cpu_row, gpu_row = sorted(rows, key=lambda row: gpu in row)
+    assert "0.440 / 0.420" in cpu_row and "+0.020 [" in cpu_row  # against the rerun, not the older 0.30 baseline
+    assert gpu in gpu_row and "0.150 / 0.120" in gpu_row and "+0.030 [" in gpu_row
 
 
 def test_exclude_and_relabel_touch_training_images_only(handful, tmp_path):

@@ -108,6 +108,9 @@ def test_every_recipe_is_a_valid_training_command():
             assert getattr(owner, key) == value, (name, key)
         assert arguments[2].num_train_epochs == read_recipe(name).get("num_train_epochs", defaults[2].num_train_epochs)
         assert arguments[2].output_dir.endswith(f"{name}-seed42")
+    flagged = experiments.ExperimentArguments(recipes=["baseline"], train_flags="--dataloader_num_workers 7 --torch_compile")
+    _, _, args = experiment_runs.recipe_arguments("baseline", flagged, 42)
+    assert args.dataloader_num_workers == 7 and args.torch_compile  # extra Trainer flags reach every run
     with pytest.raises(ValueError, match="unknown recipe"):
         experiments.ExperimentArguments(recipes=["magic"])
     with pytest.raises(ValueError, match="--recipes"):
@@ -123,6 +126,7 @@ def test_runner_trains_records_and_tabulates(handful, tmp_path):
     for split in ("validation", "test", "validation_tta", "test_tta"):
         assert 0 <= record[split]["accuracy"] <= 1 and len(record[split]["ci95"]["macro_f1"]) == 2
     assert record["commit"] and record["wall_seconds"] > 0
+    assert record["machine"]["gpu"] is None and record["train_flags"] == "" and record["note"] is None
     table = (tmp_path / "table.md").read_text()
     assert "| mixup | `--mixup 0.5` |" in table and "do not edit by hand" in table
     assert record["inference"] == "fp32"

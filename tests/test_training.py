@@ -36,6 +36,7 @@ def check_run(out: Path, expected_steps: int) -> dict:
     assert sum(metrics["counts"]["train"].values()) == N_TRAIN
     assert metrics["global_step"] == expected_steps
     assert 0.0 <= metrics["validation"]["eval_macro_f1"] <= 1.0
+    assert metrics["train_images_per_second"] > 0 and metrics["accelerator"] is None and metrics["peak_gpu_memory_gib"] is None
     # 40 of the 1,129 images: the shipped audit manifest does not describe this folder, so no leak is claimed either way
     assert metrics["test"]["note"].startswith("No near-duplicate audit describes this data folder")
     report = json.loads((out / "eval_test" / "metrics.json").read_text())

@@ -1,0 +1,148 @@
+"""GPU measurements that the 2-core CPU benchmarks (``benchmarks/speed.py``) cannot make.
+
+    python -m benchmarks.gpu init --arch vit_base --out runs/vit-base-init
+    python -m benchmarks.gpu inference --model_path runs/lite0-gpu [--data_dir DIR] [--device cuda]
+
+``init`` writes a randomly initialised, real-size model folder (``--arch vit_base``: ``ViTConfig()``, patch
+16, 224 px, 86M parameters; ``convnext_tiny``: ``ConvNextConfig()``, 28M) that ``train.py --model DIR``
+fine-tunes like any Hub checkpoint. No such weights can be downloaded here, so this is how the ViT and
+ConvNeXt training paths are exercised at full size on a GPU (throughput, memory, loss going down).
+
+``inference`` times a checkpoint's ``Predictor`` (PyTorch on ``--device``) side by side, in one run:
+- batch 1: p50/p95 of ``predict`` (decode + preprocess + forward + softmax, X-ray check off) and of a
+  bare forward on a preloaded tensor;
+- batch 64: images per second of ``predictions`` over 64 files and of a bare forward of 64 images;
+- the same checkpoint's ONNX Runtime CPU backend on this machine's CPU, batch 1, for comparison.
+It writes ``benchmarks/results/gpu/<time>-inference.json`` (or ``--out``) and prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from transformers import (
+    ConvNextConfig,
+    ConvNextForImageClassification,
+    ConvNextImageProcessor,
+    ViTConfig,
+    ViTForImageClassification,
+    ViTImageProcessor,
+)
+
+from bonebreak.data import image_paths, load_splits, resolve_data_dir
+from bonebreak.inference import Predictor
+from bonebreak.onnx_backend import ONNX_FILE, export_onnx
+
+
+def _vit_base() -> tuple[Any, Any]:
+    return ViTForImageClassification(ViTConfig(image_size=224, patch_size=16)), ViTImageProcessor(size={"height": 224, "width": 224})
+
+
+def _convnext_tiny() -> tuple[Any, Any]:
+    return ConvNextForImageClassification(ConvNextConfig()), ConvNextImageProcessor(size={"shortest_edge": 224})
+
+
+ARCHITECTURES: dict[str, Callable[[], tuple[Any, Any]]] = {"vit_base": _vit_base, "convnext_tiny": _convnext_tiny}
+
+
+def write_random_init(arch: str, out: str | os.PathLike) -> Path:
+    """A real-size, randomly initialised model folder (config, weights, image processor)."""
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"--arch must be one of {', '.join(ARCHITECTURES)}, got {arch!r}")
+    torch.manual_seed(0)
+    model, processor = ARCHITECTURES[arch]()
+    folder = Path(out)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 5) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    seconds = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        _sync(device)
+        seconds.append(time.perf_counter() - started)
+    return seconds
+
+
+def _ms(seconds: list[float]) -> dict[str, float]:
+    return {"p50_ms": round(float(np.percentile(seconds, 50)) * 1e3, 2), "p95_ms": round(float(np.percentile(seconds, 95)) * 1e3, 2)}
+
+
+def inference_report(model_path: str, files: list[str], device: str, batch: int = 64) -> dict[str, Any]:
+    if len(files) < batch:
+        raise ValueError(f"need at least {batch} images for the batch-{batch} measurement, found {len(files)}")
+    predictor = Predictor.from_checkpoint(model_path, device=device, backend="torch", ood=None)
+    where = predictor.device
+    one = predictor._batch([predictor.load(files[0])])
+    many = predictor._batch([predictor.load(f) for f in files[:batch]])
+    cycle = iter(files * 1000)
+    with torch.inference_mode():
+        single = _timed(lambda: predictor.predict(next(cycle)), where, repeats=len(files))
+        bare_single = _timed(lambda: predictor.forward(one), where, repeats=100)
+        end_to_end = _timed(lambda: predictor.predictions(files[:batch], batch_size=batch), where, repeats=5, warmup=1)
+        bare_many = _timed(lambda: predictor.forward(many), where, repeats=20)
+    report: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(where) if where.type == "cuda" else "cpu",
+        "backend": predictor.backend_description,
+        "batch_1": {"predict": _ms(single), "bare_forward": _ms(bare_single)},
+        f"batch_{batch}": {
+            "predictions_images_per_second": round(batch / float(np.median(end_to_end)), 1),
+            "bare_forward_images_per_second": round(batch / float(np.median(bare_many)), 1),
+        },
+    }
+    if not (Path(model_path) / ONNX_FILE).exists():
+        export_onnx(Path(model_path))
+    onnx = Predictor.from_checkpoint(model_path, device="cpu", backend="onnx", ood=None)
+    report["cpu_onnx_batch_1"] = {"threads": torch.get_num_threads(),
+                                  "predict": _ms(_timed(lambda: onnx.predict(next(cycle)), torch.device("cpu"), repeats=len(files)))}
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    init = commands.add_parser("init", help="Write a randomly initialised real-size model folder.")
+    init.add_argument("--arch", required=True, choices=sorted(ARCHITECTURES))
+    init.add_argument("--out", required=True, help="Folder to write (then: train.py --model FOLDER).")
+    infer = commands.add_parser("inference", help="Predictor latency and throughput on --device.")
+    infer.add_argument("--model_path", required=True, help="A trained checkpoint folder.")
+    infer.add_argument("--data_dir", default=None, help="Dataset folder (default: $BONEBREAK_DATA, else data/bone-break).")
+    infer.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:N or cpu.")
+    infer.add_argument("--batch", type=int, default=64, help="Batch size of the throughput measurement.")
+    infer.add_argument("--out", default=None, help="JSON file (default: benchmarks/results/gpu/<time>-inference.json).")
+    args = parser.parse_args()
+    if args.command == "init":
+        print(f"wrote {write_random_init(args.arch, args.out)}")
+        return
+    data = load_splits(str(resolve_data_dir(args.data_dir)))
+    files = image_paths(data.splits["clean_test" if "clean_test" in data.splits else "test"])
+    report = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__},
+              "model_path": args.model_path, "images": len(files), **inference_report(args.model_path, files, args.device, args.batch)}
+    out = Path(args.out or f"benchmarks/results/gpu/{time.strftime('%Y-%m-%dT%H%M%S')}-inference.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+    print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main()

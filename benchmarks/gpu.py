@@ -56,7 +56,7 @@ ARCHITECTURES: dict[str, Callable[[], tuple[Any, Any]]] = {"vit_base": _vit_base
 def write_random_init(arch: str, out: str | os.PathLike) -> Path:
     """A real-size, randomly initialised model folder (config, weights, image processor)."""
     if arch not in ARCHITECTURES:
-        raise ValueError(f"--arch must be one of {', '.join(ARCHITECTURES)}, got {arch!r}")
+        raise ValueError(f"--arch must be one of {', '.join(sorted(ARCHITECTURES))}, got {arch!r}")
     torch.manual_seed(0)
     model, processor = ARCHITECTURES[arch]()
     folder = Path(out)

@@ -300,11 +300,11 @@ def paired_table(cv_runs: list[dict[str, Any]]) -> list[str]:
         if not gains["macro_f1"]["pairs"]:
             continue
         f1 = gains["macro_f1"]
-        cells = [f"{g['gain']:+.3f} [{g['t_interval'][0]:+.3f}, {g['t_interval'][1]:+.3f}]" for g in gains.values()]
+        cell = {m: f"{g['gain']:+.3f} [{g['t_interval'][0]:+.3f}, {g['t_interval'][1]:+.3f}]" for m, g in gains.items()}
         boot = f1["bootstrap_interval"]
         lines.append(f"| {recipe} | {kind[2:]}-fold | {note or '-'} | {', '.join(map(str, f1['seeds']))} | {f1['pairs']} | "
-                     f"{f1['candidate_mean']:.3f} / {f1['baseline_mean']:.3f} | {cells[0]} ({boot[0]:+.3f}, {boot[1]:+.3f}) | "
-                     f"{cells[1]} | {cells[2]} | {'yes' if f1['adopt'] else 'no'} |")
+                     f"{f1['candidate_mean']:.3f} / {f1['baseline_mean']:.3f} | {cell['macro_f1']} ({boot[0]:+.3f}, {boot[1]:+.3f}) | "
+                     f"{cell['accuracy']} | {cell[f'top{TOP_K}_accuracy']} | {'yes' if f1['adopt'] else 'no'} |")
         rows += 1
     return lines if rows else []
 

@@ -61,7 +61,8 @@ def test_paired_gain_sees_a_small_consistent_gain_that_the_spread_hides():
 
 def _cv_record(recipe: str, seed: int, score: float, started: str, note: str | None = None) -> dict:
     return {"recipe": recipe, "seed": seed, "kind": "cv5", "note": note, "started": started,
-            "cv": {"per_fold": [{"seed": seed, "fold": f, **{m: score + 0.01 * f for m in METRICS}} for f in range(5)]}}
+            "cv": {"per_fold": [{"seed": seed, "fold": f, **{m: score * (i + 1) + 0.01 * f for i, m in enumerate(METRICS)}}
+                                for f in range(5)]}}
 
 
 def test_paired_table_uses_the_newest_run_per_seed_and_never_pairs_across_notes():
@@ -73,8 +74,11 @@ def test_paired_table_uses_the_newest_run_per_seed_and_never_pairs_across_notes(
     rows = [line for line in paired_table(runs) if line.startswith("| clean")]
     assert len(rows) == 2
     cpu_row, gpu_row = sorted(rows, key=lambda row: gpu in row)
-    assert "0.440 / 0.420" in cpu_row and "+0.020 [" in cpu_row  # against the rerun, not the older 0.30 baseline
-    assert gpu in gpu_row and "0.150 / 0.120" in gpu_row and "+0.030 [" in gpu_row
+    # macro-F1 is METRICS[1], so its scores are twice accuracy's and its gains too: each column shows its own metric
+    cells = [cell.strip() for cell in cpu_row.split("|")]
+    assert cells[6:10] == ["0.860 / 0.820", "+0.040 [+0.040, +0.040] (+0.040, +0.040)", "+0.020 [+0.020, +0.020]",
+                           "+0.060 [+0.060, +0.060]"]  # against the rerun, not the older 0.30 baseline
+    assert gpu in gpu_row and "0.280 / 0.220" in gpu_row and "+0.060 [+0.060, +0.060] (+" in gpu_row
 
 
 def test_exclude_and_relabel_touch_training_images_only(handful, tmp_path):

@@ -19,7 +19,6 @@ It writes ``benchmarks/results/gpu/<time>-inference.json`` (or ``--out``) and pr
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
@@ -37,6 +36,7 @@ from transformers import (
     ViTImageProcessor,
 )
 
+from benchmarks.records import write_report
 from bonebreak.data import image_paths, load_splits, resolve_data_dir
 from bonebreak.inference import Predictor
 from bonebreak.onnx_backend import ONNX_FILE, export_onnx
@@ -137,11 +137,7 @@ def main() -> None:
     files = image_paths(data.splits["clean_test" if "clean_test" in data.splits else "test"])
     report = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__},
               "model_path": args.model_path, "images": len(files), **inference_report(args.model_path, files, args.device, args.batch)}
-    out = Path(args.out or f"benchmarks/results/gpu/{time.strftime('%Y-%m-%dT%H%M%S')}-inference.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(json.dumps(report, indent=2))
-    print(f"written to {out}")
+    write_report(report, args.out, "benchmarks/results/gpu", "-inference")
 
 
 if __name__ == "__main__":

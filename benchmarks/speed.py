@@ -19,7 +19,6 @@ Ratios are what to compare across machines; absolute numbers depend on the CPU a
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import tempfile
@@ -33,6 +32,7 @@ import torch
 from threadpoolctl import threadpool_limits
 from transformers import TrainerCallback
 
+from benchmarks.records import write_report
 from bonebreak.arguments import BoneBreakTrainingArguments, DataArguments, ModelArguments, resolve_precision
 from bonebreak.batch import predict_files
 from bonebreak.data import image_paths, load_splits, resolve_data_dir
@@ -280,11 +280,7 @@ def main() -> None:
         report["cli_folder"] = folder_section(args.model_path, files)
     if not args.skip_training and not args.only_app:
         report["training"] = training_section(data_dir, args.warmup_steps, args.train_steps)
-    out = Path(args.out or f"benchmarks/results/speed/{time.strftime('%Y-%m-%dT%H%M%S')}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(json.dumps(report, indent=2))
-    print(f"written to {out}")
+    write_report(report, args.out, "benchmarks/results/speed", "")
 
 
 if __name__ == "__main__":

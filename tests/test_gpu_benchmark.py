@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.gpu import inference_report, write_random_init
+from benchmarks.records import write_report
 from bonebreak.data import image_paths, load_splits
 from bonebreak.inference import Predictor
 
@@ -30,3 +31,10 @@ def test_inference_report_times_both_batches_and_the_cpu_onnx_backend(trained_vi
 def test_random_init_rejects_unknown_architectures(tmp_path):
     with pytest.raises(ValueError, match="--arch must be one of convnext_tiny, vit_base"):
         write_random_init("resnet", tmp_path / "x")
+
+
+def test_reports_are_printed_and_filed_under_the_time(tmp_path, capsys):
+    path = write_report({"a": 1}, None, str(tmp_path / "gpu"), "-inference")
+    assert path.parent == tmp_path / "gpu" and path.name.endswith("-inference.json") and json.loads(path.read_text()) == {"a": 1}
+    assert f"written to {path}" in capsys.readouterr().out
+    assert write_report({"b": 2}, str(tmp_path / "x.json"), "unused") == tmp_path / "x.json"

@@ -245,3 +245,10 @@ def test_distillation_mixes_true_labels_with_teacher_probabilities(handful, tiny
     assert (tmp_path / "student" / "model.safetensors").is_file()
     with pytest.raises(ValueError, match="--mixup"):
         BoneBreakTrainingArguments(distill_from=[str(trained_vit)], mixup=0.5)
+
+
+def test_the_committed_table_is_generated_from_the_committed_records():
+    """docs/experiments.md says "do not edit by hand": it must be exactly what `--table` renders."""
+    root = experiment_runs.ROOT
+    rendered = experiment_runs.render_table(experiment_runs.load_records(root / "benchmarks" / "results"))
+    assert (root / "docs" / "experiments.md").read_text() == rendered, "run: python -m bonebreak.experiments --table"

@@ -70,6 +70,7 @@ vit_like() {  # vit_like ARCH NAME [flags]: random-init real-size model, a few h
 
 cv_sweeps() {  # one process per recipe and seed, all at once (the GPU has room; the CPU cores feed them)
   local recipe seed pids=() failed=0
+  trap 'kill "${pids[@]}" 2>/dev/null; exit 124' INT TERM  # a stage's time limit must stop the runs it started, too
   for recipe in $CV_RECIPES $CV_RECIPES_NICE; do
     local niceness=0
     [[ " $CV_RECIPES_NICE " == *" $recipe "* ]] && niceness=15

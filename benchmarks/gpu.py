@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -37,6 +36,7 @@ from transformers import (
 )
 
 from benchmarks.records import write_report
+from benchmarks.timing import percentiles_ms, time_calls
 from bonebreak.data import image_paths, load_splits, resolve_data_dir
 from bonebreak.inference import Predictor
 from bonebreak.onnx_backend import ONNX_FILE, export_onnx
@@ -65,28 +65,6 @@ def write_random_init(arch: str, out: str | os.PathLike) -> Path:
     return folder
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 5) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    seconds = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        _sync(device)
-        seconds.append(time.perf_counter() - started)
-    return seconds
-
-
-def _ms(seconds: list[float]) -> dict[str, float]:
-    return {"p50_ms": round(float(np.percentile(seconds, 50)) * 1e3, 2), "p95_ms": round(float(np.percentile(seconds, 95)) * 1e3, 2)}
-
-
 def inference_report(model_path: str, files: list[str], device: str, batch: int = 64) -> dict[str, Any]:
     if len(files) < batch:
         raise ValueError(f"need at least {batch} images for the batch-{batch} measurement, found {len(files)}")
@@ -94,16 +72,16 @@ def inference_report(model_path: str, files: list[str], device: str, batch: int 
     where = predictor.device
     one = predictor._batch([predictor.load(files[0])])
     many = predictor._batch([predictor.load(f) for f in files[:batch]])
-    cycle = iter(files * 1000)
+    sync = (lambda: torch.cuda.synchronize(where)) if where.type == "cuda" else (lambda: None)
     with torch.inference_mode():
-        single = _timed(lambda: predictor.predict(next(cycle)), where, repeats=len(files))
-        bare_single = _timed(lambda: predictor.forward(one), where, repeats=100)
-        end_to_end = _timed(lambda: predictor.predictions(files[:batch], batch_size=batch), where, repeats=5, warmup=1)
-        bare_many = _timed(lambda: predictor.forward(many), where, repeats=20)
+        single = time_calls(predictor.predict, files, sync=sync)
+        bare_single = time_calls(lambda _: predictor.forward(one), range(100), sync=sync)
+        end_to_end = time_calls(lambda _: predictor.predictions(files[:batch], batch_size=batch), range(5), warmup=1, sync=sync)
+        bare_many = time_calls(lambda _: predictor.forward(many), range(20), sync=sync)
     report: dict[str, Any] = {
         "device": torch.cuda.get_device_name(where) if where.type == "cuda" else "cpu",
         "backend": predictor.backend_description,
-        "batch_1": {"predict": _ms(single), "bare_forward": _ms(bare_single)},
+        "batch_1": {"predict": percentiles_ms(single), "bare_forward": percentiles_ms(bare_single)},
         f"batch_{batch}": {
             "predictions_images_per_second": round(batch / float(np.median(end_to_end)), 1),
             "bare_forward_images_per_second": round(batch / float(np.median(bare_many)), 1),
@@ -113,7 +91,7 @@ def inference_report(model_path: str, files: list[str], device: str, batch: int 
         export_onnx(Path(model_path))
     onnx = Predictor.from_checkpoint(model_path, device="cpu", backend="onnx", ood=None)
     report["cpu_onnx_batch_1"] = {"threads": torch.get_num_threads(),
-                                  "predict": _ms(_timed(lambda: onnx.predict(next(cycle)), torch.device("cpu"), repeats=len(files)))}
+                                  "predict": percentiles_ms(time_calls(onnx.predict, files))}
     return report
 
 

@@ -25,7 +25,7 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,6 +33,7 @@ from threadpoolctl import threadpool_limits
 from transformers import TrainerCallback
 
 from benchmarks.records import write_report
+from benchmarks.timing import percentiles_ms, time_calls
 from bonebreak.arguments import BoneBreakTrainingArguments, DataArguments, ModelArguments, resolve_precision
 from bonebreak.batch import predict_files
 from bonebreak.data import image_paths, load_splits, resolve_data_dir
@@ -43,21 +44,6 @@ from bonebreak.recipe_extras import class_weights, make_loss
 from bonebreak.training import build_trainer, model_inputs, prepare_data
 from bonebreak.transforms import AugmentConfig, collate, preprocess_config_from_processor, train_transform
 from bonebreak.ui import Classifier, OutputImages, serving_threads
-
-
-def percentiles_ms(seconds: list[float]) -> dict[str, float]:
-    return {"p50_ms": round(float(np.percentile(seconds, 50)) * 1e3, 2), "p95_ms": round(float(np.percentile(seconds, 95)) * 1e3, 2)}
-
-
-def time_calls(fn: Callable[[Any], Any], inputs: list[Any], warmup: int = 5) -> list[float]:
-    for item in inputs[:warmup]:
-        fn(item)
-    seconds = []
-    for item in inputs:
-        started = time.perf_counter()
-        fn(item)
-        seconds.append(time.perf_counter() - started)
-    return seconds
 
 
 # --- training ----------------------------------------------------------------------------

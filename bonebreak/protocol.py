@@ -5,7 +5,9 @@ every recipe on identical held-out folds (the seed draws the folds; near-duplica
 them; held-out images keep their original labels). Fold difficulty varies far more than recipes do, so
 the comparison is paired: the gain is recipe minus baseline on the same (seed, fold), and its 95%
 interval is a Student-t interval over those paired differences (with a percentile bootstrap beside it).
-A recipe is adopted only when the whole interval lies above zero.
+A recipe is adopted only when the whole interval lies above zero, over at least MIN_SEEDS seeds: one seed's
+folds are one draw of the split, and on this dataset a second seed has reversed a gain that one seed's five
+pairs put above zero (docs/experiments.md, exclude_cleanlab on the GPU).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 from scipy import stats
 
 LEVEL = 0.95
+MIN_SEEDS = 2  # the "repeated" in repeated grouped CV
 
 
 def fold_scores(records: Iterable[dict[str, Any]], metric: str) -> dict[tuple[int, int], float]:
@@ -46,6 +49,14 @@ def bootstrap_interval(differences: np.ndarray, level: float = LEVEL, resamples:
     return (float(low), float(high))
 
 
+def verdict(shared: list[tuple[int, int]], t_low: float) -> str:
+    """The adopt column in words: "yes", "no", or why the protocol cannot decide yet."""
+    seeds = len({seed for seed, _ in shared})
+    if seeds < MIN_SEEDS:
+        return f"not decided: {seeds} seed{'s' if seeds != 1 else ''}, the protocol needs {MIN_SEEDS}"
+    return "yes" if t_low > 0 else "no"
+
+
 def paired_gain(baseline: Iterable[dict[str, Any]], candidate: Iterable[dict[str, Any]], metric: str) -> dict[str, Any]:
     """Mean paired gain of ``candidate`` over ``baseline`` on their shared (seed, fold) pairs, with intervals."""
     base, cand = fold_scores(baseline, metric), fold_scores(candidate, metric)
@@ -62,5 +73,6 @@ def paired_gain(baseline: Iterable[dict[str, Any]], candidate: Iterable[dict[str
         "t_interval": [t_low, t_high],
         "bootstrap_interval": list(bootstrap_interval(differences)),
         "differences": [round(float(d), 4) for d in differences],
-        "adopt": bool(len(shared) >= 2 and t_low > 0),
+        "adopt": bool(len({seed for seed, _ in shared}) >= MIN_SEEDS and t_low > 0),
+        "verdict": verdict(shared, t_low),
     }

@@ -59,6 +59,19 @@ def test_paired_gain_sees_a_small_consistent_gain_that_the_spread_hides():
     assert not paired_gain(base, noisy, "macro_f1")["adopt"]  # pairs come from the record's seed when folds lack one
 
 
+def test_one_seed_is_not_enough_to_adopt_however_clear_its_gain():
+    base = [{"recipe": "baseline", "seed": s, "cv": {"per_fold": [{"seed": s, "fold": f, "macro_f1": 0.3 + 0.05 * f} for f in range(5)]}}
+            for s in (42, 43)]
+    one_seed = [{"recipe": "r", "seed": 42, "cv": {"per_fold": [{"seed": 42, "fold": f, "macro_f1": 0.35 + 0.05 * f + 0.001 * f}
+                                                               for f in range(5)]}}]
+    gain = paired_gain(base, one_seed, "macro_f1")
+    assert gain["pairs"] == 5 and gain["t_interval"][0] > 0.04  # clearly above zero on its five pairs...
+    assert not gain["adopt"] and gain["verdict"] == "not decided: 1 seed, the protocol needs 2"  # ...but one draw of folds
+    two_seeds = paired_gain(base, one_seed + [{**one_seed[0], "seed": 43, "cv": {"per_fold": [
+        {**fold, "seed": 43} for fold in one_seed[0]["cv"]["per_fold"]]}}], "macro_f1")
+    assert two_seeds["adopt"] and two_seeds["verdict"] == "yes"
+
+
 def _cv_record(recipe: str, seed: int, score: float, started: str, note: str | None = None) -> dict:
     return {"recipe": recipe, "seed": seed, "kind": "cv5", "note": note, "started": started,
             "cv": {"per_fold": [{"seed": seed, "fold": f, **{m: score * (i + 1) + 0.01 * f for i, m in enumerate(METRICS)}}

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 from .data import image_paths
-from .evaluation import evaluate_split, metrics_with_intervals, predict_dataset, true_indices
+from .evaluation import PROBABILITIES_FILE, evaluate_split, metrics_with_intervals, predict_dataset, read_probabilities, true_indices
 from .inference import Ensemble, Predictor
-from .metrics import TOP_K
+from .metrics import TOP_K, classification_metrics, headline
 from .protocol import paired_gain
 from .splits import EVALUATION_SPLITS
 from .arguments import RECIPES_DIR, DataArguments, arguments_record, parse_arguments, read_recipe
@@ -112,6 +112,56 @@ def run_ensemble(exp: Any) -> dict[str, Any]:
     record["latency_ms_per_image"] = {"ensemble": latency_ms(ensemble, sample), "one_member": latency_ms(ensemble.members[0], sample)}
     record["wall_seconds"] = round(time.perf_counter() - started, 1)
     return record
+
+
+def is_cv_run(folder: str | os.PathLike) -> bool:
+    return (Path(folder) / "cv.json").is_file()
+
+
+def cv_ensemble_folds(folders: list[str]) -> tuple[int, int, list[dict[str, Any]]]:
+    """Seed, fold count and per-fold scores of the mean of several CV runs' held-out probabilities."""
+    runs = [json.loads((Path(folder) / "cv.json").read_text()) for folder in folders]
+    draws = {(run["seed"], run["folds"]) for run in runs}
+    if len(draws) != 1:
+        raise ValueError(f"--ensemble of CV runs: the members were run with different --seed / --cv_folds {sorted(draws)}; "
+                         "an ensemble is scored fold by fold, so every member needs the same folds")
+    seed, folds = draws.pop()
+    per_fold = []
+    for fold in range(folds):
+        tables = [read_probabilities(Path(folder) / f"fold{fold}" / "eval_validation" / PROBABILITIES_FILE) for folder in folders]
+        paths, given, _, labels = tables[0]
+        for folder, (other_paths, _, _, other_labels) in zip(folders[1:], tables[1:]):
+            if other_paths != paths or other_labels != labels:
+                raise ValueError(f"{folder} fold {fold}: its held-out images or label order differ from {folders[0]}'s; "
+                                 "the members must be CV runs over the same data with the same --seed")
+        truth = np.array([labels.index(label) for label in given])
+        probs = np.mean([probabilities for _, _, probabilities, _ in tables], axis=0)
+        per_fold.append({"seed": seed, "fold": fold, "n_validation": len(paths), **headline(classification_metrics(truth, probs, labels))})
+    return seed, folds, per_fold
+
+
+def run_cv_ensemble(exp: Any) -> dict[str, Any]:
+    """An ensemble judged by the selection protocol: fold by fold, the mean of its members' held-out probabilities.
+
+    The members are CV runs with the same seed and folds (e.g. ``--cv 5 --seed 42`` of baseline and lite1), so
+    every held-out fold is scored by models none of which saw it, and the record pairs with the baseline's folds
+    like a recipe's does. Its cost is the members' inference together: the latency is measured on the members'
+    fold-0 models.
+    """
+    started = time.perf_counter()
+    seed, folds, per_fold = cv_ensemble_folds(exp.ensemble)
+    keys = [k for k in per_fold[0] if k.endswith(("accuracy", "f1"))]
+    ensemble = Ensemble([str(Path(folder) / "fold0") for folder in exp.ensemble])
+    sample = read_probabilities(Path(exp.ensemble[0]) / "fold0" / "eval_validation" / PROBABILITIES_FILE)[0][:20]
+    return {
+        "recipe": exp.name or "ensemble", "kind": f"cv{folds}", "members": exp.ensemble, "seed": seed,
+        "commit": git_commit(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "note": exp.note,
+        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(), "gpu": None},
+        "cv": {"mean": {k: float(np.mean([f[k] for f in per_fold])) for k in keys},
+               "std": {k: float(np.std([f[k] for f in per_fold], ddof=1)) for k in keys}, "per_fold": per_fold},
+        "latency_ms_per_image": {"ensemble": latency_ms(ensemble, sample), "one_member": latency_ms(ensemble.members[0], sample)},
+        "wall_seconds": round(time.perf_counter() - started, 1),
+    }
 
 
 FP32_NOTE = "fp32"  # record["inference"]: the split metrics are the saved checkpoint's fp32 forward

@@ -8,7 +8,8 @@ clean Test (published Test minus images with a near-copy in Train) and published
 each with and without flip test-time augmentation, and appends one JSON record to
 ``benchmarks/results/``. ``--cv 5`` runs grouped 5-fold CV of the recipe instead.
 ``--ensemble DIR DIR ...`` evaluates the mean of several trained checkpoints (e.g. CV fold models) and
-its latency cost. ``python -m bonebreak.experiments --table`` regenerates ``docs/experiments.md``.
+its latency cost; given CV run folders (``<work_dir>/<recipe>-cv5-seed42``) it scores the ensemble fold by
+fold instead, so the selection protocol can judge it against the baseline. ``python -m bonebreak.experiments --table`` regenerates ``docs/experiments.md``.
 
 Selection rule: recipes are compared on validation macro-F1 only; Test is never used to pick.
 """
@@ -21,6 +22,8 @@ from dataclasses import dataclass, field
 from .cli import parse
 from .experiment_runs import (
     RECIPES,
+    is_cv_run,
+    run_cv_ensemble,
     run_ensemble,
     run_recipe,
     save_record,
@@ -56,7 +59,10 @@ class ExperimentArguments:
     note: str | None = field(default=None, metadata={"help": "Free text stored in each record (e.g. how the data differ)."})
     ensemble: list[str] = field(
         default_factory=list,
-        metadata={"help": "Instead of training, evaluate the mean of these checkpoints' probabilities (e.g. runs/cv5/fold*)."},
+        metadata={"help": "Instead of training, evaluate the mean of these checkpoints' probabilities on clean Test (e.g. "
+                  "runs/cv5/fold*), or, given CV run folders of one seed (e.g. runs/experiments/baseline-cv5-seed42 "
+                  "runs/experiments/lite1-cv5-seed42), score it fold by fold for the selection protocol (pass the "
+                  "members' --note so it pairs with their baseline)."},
     )
     name: str | None = field(default=None, metadata={"help": "Name of the --ensemble record (default: ensemble)."})
 
@@ -68,6 +74,10 @@ class ExperimentArguments:
             raise ValueError("name at least one recipe with --recipes, checkpoints with --ensemble, or pass --table")
         if len(self.ensemble) == 1:
             raise ValueError("--ensemble needs at least 2 checkpoint folders")
+        cv_runs = [is_cv_run(folder) for folder in self.ensemble]
+        if any(cv_runs) and not all(cv_runs):
+            raise ValueError("--ensemble takes either checkpoint folders or CV run folders (with cv.json), not a mix: "
+                             + ", ".join(f for f, cv in zip(self.ensemble, cv_runs) if not cv) + " is not a CV run")
         if self.cv == 1 or self.cv < 0:
             raise ValueError(f"--cv must be 0 (off) or >= 2, got {self.cv}")
 
@@ -82,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
             logger.info("record written to %s", path)
             write_table(exp)
     if exp.ensemble:
-        path = save_record(run_ensemble(exp), exp.results_dir)
+        path = save_record((run_cv_ensemble if is_cv_run(exp.ensemble[0]) else run_ensemble)(exp), exp.results_dir)
         logger.info("record written to %s", path)
         write_table(exp)
     if exp.table:

@@ -15,7 +15,9 @@ import torch
 import pytest
 from PIL import Image
 
+from bonebreak import experiments
 from bonebreak.arguments import DataArguments, cpu_has_native_bf16, parse_arguments, with_output_dir
+from bonebreak.evaluation import read_probabilities, write_probabilities
 from bonebreak.recipe_extras import class_weights
 from bonebreak.training import build_trainer, main, prepare_data
 from conftest import REPO, gradient16, make_dicom, write_manifest
@@ -153,6 +155,39 @@ def test_grouped_cross_validation_reports_mean_and_spread(handful, tiny_vit, tmp
     assert saved["std"]["accuracy"] >= 0 and not any(out.glob("fold*.trainer"))
     with pytest.raises(ValueError, match="--cv_folds needs the grouped split manifest"):
         main(["--data_dir", str(handful), "--model", str(tiny_vit), "--output_dir", str(tmp_path / "x"), "--cv_folds", "2"])
+    check_cv_ensemble(out, saved, tmp_path)
+
+
+def check_cv_ensemble(run: Path, saved: dict, tmp_path: Path) -> None:
+    """``experiments --ensemble`` of CV runs scores the mean of the members' held-out probabilities fold by fold."""
+    oracle = tmp_path / "oracle"  # a second member that puts probability 1 on every given label
+    for fold in range(3):
+        shutil.copytree(run / f"fold{fold}", oracle / f"fold{fold}", ignore=shutil.ignore_patterns("*.onnx"))
+        table = oracle / f"fold{fold}" / "eval_validation" / "probabilities.csv"
+        paths, given, probs, labels = read_probabilities(table)
+        write_probabilities(table, paths, given, np.eye(len(labels))[[labels.index(g) for g in given]], labels)
+    shutil.copy(run / "cv.json", oracle / "cv.json")
+    results = tmp_path / "results"
+    common = ["--results_dir", str(results), "--table_path", str(tmp_path / "table.md")]
+    experiments.main(["--ensemble", str(run), str(run), "--name", "twins", *common])
+    experiments.main(["--ensemble", str(run), str(oracle), "--name", "with_oracle", *common])
+    records = {r["recipe"]: r for r in map(json.loads, map(Path.read_text, results.glob("*.json")))}
+    twins, with_oracle = records["twins"], records["with_oracle"]
+    assert twins["kind"] == "cv3" and twins["seed"] == saved["seed"]
+    for mine, member in zip(twins["cv"]["per_fold"], saved["per_fold"]):  # two identical members score as one
+        assert mine["fold"] == member["fold"] and mine["macro_f1"] == pytest.approx(member["macro_f1"])
+    # mean with a one-hot on the given label: that label gets >= 0.5 and every other < 0.5, so every image is right
+    assert [f["accuracy"] for f in with_oracle["cv"]["per_fold"]] == [1.0, 1.0, 1.0]
+    assert with_oracle["latency_ms_per_image"]["ensemble"] > 0
+    table = (tmp_path / "table.md").read_text()
+    assert f"| with_oracle | 3 | {saved['seed']} |" in table
+    other_seed = tmp_path / "other_seed"
+    shutil.copytree(oracle, other_seed)
+    (other_seed / "cv.json").write_text(json.dumps({**saved, "seed": saved["seed"] + 1}))
+    with pytest.raises(ValueError, match="different --seed"):
+        experiments.main(["--ensemble", str(run), str(other_seed), *common])
+    with pytest.raises(ValueError, match="not a mix"):
+        experiments.ExperimentArguments(ensemble=[str(run), str(run / "fold0")])
 
 
 def test_same_seed_gives_the_same_model(handful, tiny_vit, tmp_path):

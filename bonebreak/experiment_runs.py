@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RECIPES = sorted(p.stem for p in RECIPES_DIR.glob("*.json"))  # recipes/<name>.json; baseline.json is the shipped recipe
 ADOPT_MARGIN = 0.05  # validation macro-F1 a recipe must gain over the baseline to replace it
 METRICS = ("accuracy", "macro_f1", f"top{TOP_K}_accuracy")
+RUNNER_OUTPUTS = ("docs/experiments.md", "benchmarks/results")  # default --table_path and --results_dir
 
 
 
@@ -53,12 +54,14 @@ def recipe_arguments(name: str, exp: Any, seed: int) -> tuple:
     return parse_arguments(argv + shlex.split(exp.train_flags))
 
 
-def git_commit() -> str:
+def git_commit(root: Path = ROOT) -> str:
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True).stdout.strip()
 
     commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    # The runner's own outputs (the table it regenerates, records written into a checkout) do not make a run's code dirty.
+    own_outputs = [f":(exclude){path}" for path in RUNNER_OUTPUTS]
+    return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no", "--", ".", *own_outputs) else "")
 
 
 def scores(metrics: dict[str, Any]) -> dict[str, Any]:

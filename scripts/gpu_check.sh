@@ -24,8 +24,8 @@ WORKERS=${WORKERS:-8}
 CV_WORKERS=${CV_WORKERS:-1}
 EXTRA_TRAIN=${EXTRA_TRAIN:-}
 EXTRA_CV=${EXTRA_CV:-}
-CV_RECIPES=${CV_RECIPES:-"baseline exclude_cleanlab"}
-CV_RECIPES_NICE=${CV_RECIPES_NICE:-"exclude_conflicting_groups exclude_cleanlab_confident"}  # at lower CPU priority: done if time allows
+CV_RECIPES=${CV_RECIPES-"baseline no_class_weights res320 lite1"}  # the earlier ideas #14 asks to re-judge
+CV_RECIPES_NICE=${CV_RECIPES_NICE-"relabel_cleanlab"}  # at lower CPU priority, done if time allows; CV_RECIPES_NICE= (empty) runs none
 CV_SEEDS=${CV_SEEDS:-"42 43"}
 CV_NOTE=${CV_NOTE:-"GPU, images resized to a 384 px long side"}
 LIMIT_LITE0=${LIMIT_LITE0:-150} LIMIT_INFER=${LIMIT_INFER:-45} LIMIT_CV=${LIMIT_CV:-240} LIMIT_VIT=${LIMIT_VIT:-70} LIMIT_COMPILE=${LIMIT_COMPILE:-80}

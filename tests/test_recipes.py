@@ -4,6 +4,7 @@ equalisation) and the experiment runner."""
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pytest
 import torch
@@ -252,3 +253,23 @@ def test_the_committed_table_is_generated_from_the_committed_records():
     root = experiment_runs.ROOT
     rendered = experiment_runs.render_table(experiment_runs.load_records(root / "benchmarks" / "results"))
     assert (root / "docs" / "experiments.md").read_text() == rendered, "run: python -m bonebreak.experiments --table"
+
+
+def test_a_record_commit_is_dirty_for_code_changes_but_not_for_the_runners_own_outputs(tmp_path):
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    for path in ("docs/experiments.md", "benchmarks/results/old.json", "bonebreak/training.py"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text("v1\n")
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-qm", "start")
+    clean = experiment_runs.git_commit(tmp_path)
+    assert clean and not clean.endswith("+dirty")
+    (tmp_path / "docs/experiments.md").write_text("regenerated\n")
+    (tmp_path / "benchmarks/results/old.json").write_text("rewritten\n")
+    (tmp_path / "benchmarks/results/new.json").write_text("{}\n")
+    assert experiment_runs.git_commit(tmp_path) == clean  # the runner wrote these itself
+    (tmp_path / "bonebreak/training.py").write_text("v2\n")
+    assert experiment_runs.git_commit(tmp_path) == clean + "+dirty"

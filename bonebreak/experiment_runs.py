@@ -248,6 +248,12 @@ contact sheet and a summary that also counts the clean-Test labels that look wro
 models, which saw the other folds' labels, so a recipe built from them is judged on the same folds it was
 derived from: a mild optimism the paired table does not remove. The recipes `exclude_cleanlab`,
 `exclude_cleanlab_confident`, `exclude_conflicting_groups` and `relabel_cleanlab` read those files.
+
+Two more uses of the CV runs, no training needed: `--ensemble <work_dir>/A-cv5-seed42 <work_dir>/B-cv5-seed42 --name N`
+scores the mean of the members' held-out probabilities fold by fold, so an ensemble gets a row in the paired
+table like a recipe (run it once per seed under the same name); and `--ensemble <work_dir>/A-cv5-seed42/fold0 ...
+fold4` scores a CV run's five fold models on clean Test, each and averaged (the ensembles table): a check on
+images and labels that no label file touched, and so free of the optimism above.
 """
 
 

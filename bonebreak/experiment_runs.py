@@ -23,6 +23,7 @@ from .data import image_paths
 from .evaluation import PROBABILITIES_FILE, evaluate_split, metrics_with_intervals, predict_dataset, read_probabilities, true_indices
 from .inference import Ensemble, Predictor
 from .metrics import TOP_K, classification_metrics, headline
+from .plots import plot_paired_gains
 from .protocol import paired_gain
 from .splits import EVALUATION_SPLITS
 from .arguments import RECIPES_DIR, DataArguments, arguments_record, parse_arguments, read_recipe
@@ -34,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RECIPES = sorted(p.stem for p in RECIPES_DIR.glob("*.json"))  # recipes/<name>.json; baseline.json is the shipped recipe
 ADOPT_MARGIN = 0.05  # validation macro-F1 a recipe must gain over the baseline to replace it
 METRICS = ("accuracy", "macro_f1", f"top{TOP_K}_accuracy")
-RUNNER_OUTPUTS = ("docs/experiments.md", "benchmarks/results")  # default --table_path and --results_dir
+RUNNER_OUTPUTS = ("docs/experiments.md", "docs/experiments_protocol.png", "benchmarks/results")  # its default outputs
 
 
 
@@ -257,7 +258,7 @@ images and labels that no label file touched, and so free of the optimism above.
 """
 
 
-def render_table(records: list[dict[str, Any]]) -> str:
+def render_table(records: list[dict[str, Any]], table_path: str | os.PathLike = "docs/experiments.md") -> str:
     """Markdown: one row per run, split runs sorted by validation macro-F1 (the selection metric)."""
     split_runs = sorted((r for r in records if r["kind"] == "split"), key=lambda r: -r["validation"]["macro_f1"])
     lines = [
@@ -324,7 +325,7 @@ def render_table(records: list[dict[str, Any]]) -> str:
             where = r["machine"].get("gpu") or f"{r['machine']['cpus']}-core CPU"
             note = f" ({r['note']})" if r.get("note") else ""
             lines.append(f"| {r['recipe']} | {r['kind'][2:]} | {r['seed']} | {cells} | {r['wall_seconds'] / 60:.0f} | {where}{note} | {r['commit']} |")
-        lines += paired_table(cv_runs)
+        lines += paired_table(cv_runs, protocol_figure_path(table_path).name)
     return "\n".join(lines) + "\n"
 
 
@@ -341,9 +342,26 @@ def latest_per_seed(cv_runs: list[dict[str, Any]]) -> dict[tuple[str, str | None
     return grouped
 
 
-def paired_table(cv_runs: list[dict[str, Any]]) -> list[str]:
-    """The selection protocol (bonebreak/protocol.py): each recipe minus the baseline on the same seeds and folds."""
+def paired_gains(cv_runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The selection protocol (bonebreak/protocol.py) for every recipe with CV runs: its paired gains over the baseline
+    of the same CV kind and note, per metric, in table order."""
     by_recipe = latest_per_seed(cv_runs)
+    rows = []
+    for (kind, note, recipe), records in sorted(by_recipe.items(), key=lambda item: (item[0][0], item[0][1] or "", item[0][2])):
+        baseline = by_recipe.get((kind, note, "baseline"))
+        if recipe == "baseline" or not baseline:
+            continue
+        gains = {m: paired_gain(baseline, records, m) for m in METRICS}
+        if gains["macro_f1"]["pairs"]:
+            rows.append({"recipe": recipe, "kind": kind, "note": note, "gains": gains})
+    return rows
+
+
+def paired_table(cv_runs: list[dict[str, Any]], figure: str | None = None) -> list[str]:
+    """The paired gains as markdown, with the forest plot ``figure`` (a path relative to the table) when given."""
+    rows = paired_gains(cv_runs)
+    if not rows:
+        return []
     lines = ["", "## Selection protocol: paired gain over the baseline on the same CV folds and seeds", "",
              "Gain = recipe minus baseline on each (seed, fold), averaged; brackets are the 95% Student-t interval over those "
              "pairs (percentile bootstrap after it). Adopt only when the whole t interval of the macro-F1 gain is above zero, "
@@ -352,26 +370,34 @@ def paired_table(cv_runs: list[dict[str, Any]]) -> list[str]:
              "other data or hardware are never paired with these).", "",
              "| recipe | CV | note | seeds | pairs | macro-F1 (recipe / baseline) | macro-F1 gain [t 95%] (bootstrap) | accuracy gain [t 95%] | "
              "top-3 gain [t 95%] | adopt |", "|---|---|---|---|---|---|---|---|---|---|"]
-    rows = 0
-    for (kind, note, recipe), records in sorted(by_recipe.items(), key=lambda item: (item[0][0], item[0][1] or "", item[0][2])):
-        baseline = by_recipe.get((kind, note, "baseline"))
-        if recipe == "baseline" or not baseline:
-            continue
-        gains = {m: paired_gain(baseline, records, m) for m in METRICS}
-        if not gains["macro_f1"]["pairs"]:
-            continue
+    for row in rows:
+        gains = row["gains"]
         f1 = gains["macro_f1"]
         cell = {m: f"{g['gain']:+.3f} [{g['t_interval'][0]:+.3f}, {g['t_interval'][1]:+.3f}]" for m, g in gains.items()}
         boot = f1["bootstrap_interval"]
-        lines.append(f"| {recipe} | {kind[2:]}-fold | {note or '-'} | {', '.join(map(str, f1['seeds']))} | {f1['pairs']} | "
+        lines.append(f"| {row['recipe']} | {row['kind'][2:]}-fold | {row['note'] or '-'} | {', '.join(map(str, f1['seeds']))} | {f1['pairs']} | "
                      f"{f1['candidate_mean']:.3f} / {f1['baseline_mean']:.3f} | {cell['macro_f1']} ({boot[0]:+.3f}, {boot[1]:+.3f}) | "
                      f"{cell['accuracy']} | {cell[f'top{TOP_K}_accuracy']} | {f1['verdict']} |")
-        rows += 1
-    return lines if rows else []
+    if figure:
+        lines += ["", f"![Paired macro-F1 gain of each recipe over the baseline: every (seed, fold) pair and the 95% t interval]({figure})"]
+    return lines
+
+
+def protocol_figure_path(table_path: str | os.PathLike) -> Path:
+    """The forest plot that goes beside the table: docs/experiments.md -> docs/experiments_protocol.png."""
+    table = Path(table_path)
+    return table.with_name(f"{table.stem}_protocol.png")
 
 
 def write_table(exp: Any) -> Path:
+    """docs/experiments.md and, when there are paired gains, its forest plot beside it."""
     path = Path(exp.table_path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_table(load_records(exp.results_dir)))
+    records = load_records(exp.results_dir)
+    path.write_text(render_table(records, path))
+    rows = paired_gains([r for r in records if r["kind"].startswith("cv")])
+    if rows:
+        plot_paired_gains([{"label": f"{row['recipe']}, seed {', '.join(map(str, row['gains']['macro_f1']['seeds']))}"
+                           + (f"\n{row['note']}" if row["note"] else ""), **row["gains"]["macro_f1"]} for row in rows],
+                          protocol_figure_path(path), "Selection protocol: macro-F1 gain over the baseline, paired by seed and fold")
     return path

@@ -1,4 +1,4 @@
-"""Figures people look at: confusion matrices and training curves (PNG)."""
+"""Figures people look at: confusion matrices, training curves and the selection protocol's paired gains (PNG)."""
 
 from __future__ import annotations
 
@@ -59,6 +59,28 @@ def plot_training_curves(log_history: list[dict[str, Any]], path: str | os.PathL
     ax_metric.set_ylim(0, 1)
     ax_metric.set_title("validation metrics")
     ax_metric.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_paired_gains(rows: list[dict[str, Any]], path: str | os.PathLike, title: str) -> Path:
+    """Forest plot: per row (``label``, ``differences``, ``gain``, ``t_interval``, ``adopt``) every paired
+    difference as a dot, the mean gain and its 95% interval as a bar; green only where the protocol adopts."""
+    fig, ax = plt.subplots(figsize=(10, 1.4 + 0.6 * len(rows)))
+    for y, row in enumerate(reversed(rows)):
+        colour = "tab:green" if row["adopt"] else "tab:grey"
+        low, high = row["t_interval"]
+        if np.isfinite(low) and np.isfinite(high):
+            ax.plot([low, high], [y, y], color=colour, linewidth=3, solid_capstyle="butt")
+        ax.plot([row["gain"]], [y], "D", color=colour, markersize=7)
+        ax.scatter(row["differences"], np.full(len(row["differences"]), y + 0.22), s=12, color="black", alpha=0.6)
+    ax.axvline(0.0, color="tab:red", linewidth=1)
+    ax.set_yticks(range(len(rows)), [row["label"] for row in reversed(rows)])
+    ax.set_ylim(-0.6, len(rows) - 0.3)
+    ax.set_xlabel("gain  (dots: one per seed and fold;  bar: mean and 95% t interval;  green: adopted)")
+    fig.suptitle(title)  # over the whole figure: the long row labels push the axes right
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

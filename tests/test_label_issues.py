@@ -6,6 +6,7 @@ import csv
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from conftest import write_manifest
 
 from bonebreak import label_issues
 from bonebreak.data import image_paths, load_splits
-from bonebreak.experiment_runs import METRICS, latest_per_seed, paired_table
+from bonebreak.experiment_runs import METRICS, latest_per_seed, paired_table, write_table
 from bonebreak.label_quality import score_labels
 from bonebreak.protocol import paired_gain
 from bonebreak.training import main
@@ -92,6 +93,26 @@ def test_paired_table_uses_the_newest_run_per_seed_and_never_pairs_across_notes(
     assert cells[6:10] == ["0.860 / 0.820", "+0.040 [+0.040, +0.040] (+0.040, +0.040)", "+0.020 [+0.020, +0.020]",
                            "+0.060 [+0.060, +0.060]"]  # against the rerun, not the older 0.30 baseline
     assert gpu in gpu_row and "0.280 / 0.220" in gpu_row and "+0.060 [+0.060, +0.060] (+" in gpu_row
+
+
+def test_the_table_comes_with_a_forest_plot_of_the_paired_gains(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    records = [_cv_record("baseline", 42, 0.30, "2026-11-27T10"), _cv_record("clean", 42, 0.33, "2026-11-27T11")]
+    for number, record in enumerate(records):
+        scores = record["cv"]["per_fold"]
+        record["cv"].update(mean={m: float(np.mean([f[m] for f in scores])) for m in METRICS},
+                            std={m: float(np.std([f[m] for f in scores])) for m in METRICS})
+        record.update(machine={"cpus": 2}, wall_seconds=60.0, commit="abc1234")
+        (results / f"{number}.json").write_text(json.dumps(record))
+    exp = SimpleNamespace(results_dir=str(results), table_path=str(tmp_path / "docs" / "table.md"))
+    table = write_table(exp).read_text()
+    figure = tmp_path / "docs" / "table_protocol.png"
+    assert figure.is_file() and figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "](table_protocol.png)" in table and "not decided: 1 seed" in table
+    (results / "1.json").unlink()  # nothing to pair: no figure, no reference to one
+    figure.unlink()
+    assert "protocol.png" not in write_table(exp).read_text() and not figure.exists()
 
 
 def test_exclude_and_relabel_touch_training_images_only(handful, tmp_path):

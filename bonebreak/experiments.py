@@ -9,9 +9,11 @@ each with and without flip test-time augmentation, and appends one JSON record t
 ``benchmarks/results/``. ``--cv 5`` runs grouped 5-fold CV of the recipe instead.
 ``--ensemble DIR DIR ...`` evaluates the mean of several trained checkpoints (e.g. CV fold models) and
 its latency cost; given CV run folders (``<work_dir>/<recipe>-cv5-seed42``) it scores the ensemble fold by
-fold instead, so the selection protocol can judge it against the baseline. ``python -m bonebreak.experiments --table`` regenerates ``docs/experiments.md``.
+fold instead, so the selection protocol can judge it against the baseline.
+``python -m bonebreak.experiments --table`` regenerates ``docs/experiments.md`` and its forest plot.
 
-Selection rule: recipes are compared on validation macro-F1 only; Test is never used to pick.
+Selection rule: the paired repeated-CV protocol of ``bonebreak/protocol.py`` (docs/experiments.md); Test is
+never used to pick.
 """
 
 from __future__ import annotations

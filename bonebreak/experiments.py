@@ -29,8 +29,8 @@ from .experiment_runs import (
     run_ensemble,
     run_recipe,
     save_record,
-    write_table,
 )
+from .experiment_table import write_table
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from conftest import write_manifest
 
 from bonebreak import label_issues
 from bonebreak.data import image_paths, load_splits
-from bonebreak.experiment_runs import METRICS, latest_per_seed, paired_table, write_table
+from bonebreak.experiment_table import METRICS, latest_per_seed, paired_table, write_table
 from bonebreak.label_quality import score_labels
 from bonebreak.protocol import paired_gain
 from bonebreak.training import main

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 import torch
 
-from bonebreak import experiment_runs, experiments
+from bonebreak import experiment_runs, experiment_table, experiments
 from bonebreak.models import create_model
 from bonebreak.arguments import BoneBreakTrainingArguments, DataArguments, parse_arguments, read_recipe, resolve_precision
 from bonebreak.recipe_extras import WeightAverage, batch_mixer, layer_decay_groups, make_loss, mix_batch
@@ -251,7 +251,7 @@ def test_distillation_mixes_true_labels_with_teacher_probabilities(handful, tiny
 def test_the_committed_table_is_generated_from_the_committed_records():
     """docs/experiments.md says "do not edit by hand": it must be exactly what `--table` renders."""
     root = experiment_runs.ROOT
-    rendered = experiment_runs.render_table(experiment_runs.load_records(root / "benchmarks" / "results"))
+    rendered = experiment_table.render_table(experiment_table.load_records(root / "benchmarks" / "results"))
     assert (root / "docs" / "experiments.md").read_text() == rendered, "run: python -m bonebreak.experiments --table"
 
 

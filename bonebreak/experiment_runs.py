@@ -26,7 +26,7 @@ from .experiment_table import METRICS
 from .metrics import classification_metrics, headline
 from .splits import EVALUATION_SPLITS
 from .arguments import RECIPES_DIR, DataArguments, arguments_record, parse_arguments, read_recipe
-from .training import prepare_data, run_cv, run_training
+from .training import fold_spread, prepare_data, run_cv, run_training
 
 logger = logging.getLogger(__name__)
 
@@ -151,15 +151,13 @@ def run_cv_ensemble(exp: Any) -> dict[str, Any]:
     """
     started = time.perf_counter()
     seed, folds, per_fold = cv_ensemble_folds(exp.ensemble)
-    keys = [k for k in per_fold[0] if k.endswith(("accuracy", "f1"))]
     ensemble = Ensemble([str(Path(folder) / "fold0") for folder in exp.ensemble])
     sample = read_probabilities(Path(exp.ensemble[0]) / "fold0" / "eval_validation" / PROBABILITIES_FILE)[0][:20]
     return {
         "recipe": exp.name or "ensemble", "kind": f"cv{folds}", "members": exp.ensemble, "seed": seed,
         "commit": git_commit(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "note": exp.note,
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(), "gpu": None},
-        "cv": {"mean": {k: float(np.mean([f[k] for f in per_fold])) for k in keys},
-               "std": {k: float(np.std([f[k] for f in per_fold], ddof=1)) for k in keys}, "per_fold": per_fold},
+        "cv": {**fold_spread(per_fold), "per_fold": per_fold},
         "latency_ms_per_image": {"ensemble": latency_ms(ensemble, sample), "one_member": latency_ms(ensemble.members[0], sample)},
         "wall_seconds": round(time.perf_counter() - started, 1),
     }

@@ -49,9 +49,8 @@ def bootstrap_interval(differences: np.ndarray, level: float = LEVEL, resamples:
     return (float(low), float(high))
 
 
-def verdict(shared: list[tuple[int, int]], t_low: float) -> str:
+def verdict(seeds: int, t_low: float) -> str:
     """The adopt column in words: "yes", "no", or why the protocol cannot decide yet."""
-    seeds = len({seed for seed, _ in shared})
     if seeds < MIN_SEEDS:
         return f"not decided: {seeds} seed{'s' if seeds != 1 else ''}, the protocol needs {MIN_SEEDS}"
     return "yes" if t_low > 0 else "no"
@@ -63,16 +62,18 @@ def paired_gain(baseline: Iterable[dict[str, Any]], candidate: Iterable[dict[str
     shared = sorted(base.keys() & cand.keys())
     differences = np.array([cand[key] - base[key] for key in shared])
     t_low, t_high = t_interval(differences)
+    seeds = sorted({seed for seed, _ in shared})
+    decision = verdict(len(seeds), t_low)
     return {
         "metric": metric,
         "pairs": len(shared),
-        "seeds": sorted({seed for seed, _ in shared}),
+        "seeds": seeds,
         "baseline_mean": float(np.mean([base[k] for k in shared])) if shared else float("nan"),
         "candidate_mean": float(np.mean([cand[k] for k in shared])) if shared else float("nan"),
         "gain": float(differences.mean()) if shared else float("nan"),
         "t_interval": [t_low, t_high],
         "bootstrap_interval": list(bootstrap_interval(differences)),
         "differences": [round(float(d), 4) for d in differences],
-        "adopt": bool(len({seed for seed, _ in shared}) >= MIN_SEEDS and t_low > 0),
-        "verdict": verdict(shared, t_low),
+        "adopt": decision == "yes",
+        "verdict": decision,
     }

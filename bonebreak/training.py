@@ -281,6 +281,13 @@ def fold_result(fold_dir: Path) -> dict[str, Any]:
     return {"n_validation": report["n"], **headline(report)}
 
 
+def fold_spread(per_fold: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Mean and sample std over folds of every accuracy and F1 score (what CV tables print)."""
+    keys = [k for k in per_fold[0] if k.endswith(("accuracy", "f1"))]
+    return {"mean": {k: float(np.mean([f[k] for f in per_fold])) for k in keys},
+            "std": {k: float(np.std([f[k] for f in per_fold], ddof=1)) for k in keys}}
+
+
 def merge_out_of_fold(fold_dirs: list[Path], out: Path) -> Path:
     """Every held-out fold's ``probabilities.csv`` in one file: each Train image scored by the model that did not see it."""
     lines: list[str] = []
@@ -315,15 +322,13 @@ def run_cv(model_args: ModelArguments, data_args: DataArguments, args: BoneBreak
         per_fold.append({"seed": args.seed, "fold": fold, "n_train": len(fold_data.splits["train"]),
                          "train_seconds": summary["train_seconds"], **fold_result(fold_dirs[-1])})
         shutil.rmtree(fold_args.work_dir, ignore_errors=True)  # resumable state is not needed once a fold is done
-    keys = [k for k in per_fold[0] if k.endswith(("accuracy", "f1"))]
     recipe = arguments_record(model_args, data_args, args)
     result = {
         "folds": args.cv_folds,
         "seed": args.seed,
         "recipe": {k: v for k, v in recipe.items() if k not in ("output_dir", "cv_folds")},
         "per_fold": per_fold,
-        "mean": {k: float(np.mean([f[k] for f in per_fold])) for k in keys},
-        "std": {k: float(np.std([f[k] for f in per_fold], ddof=1)) for k in keys},
+        **fold_spread(per_fold),
         "out_of_fold": str(merge_out_of_fold(fold_dirs, Path(args.output_dir) / "oof_probabilities.csv")),
     }
     (Path(args.output_dir) / "cv.json").write_text(json.dumps(result, indent=2))

@@ -91,15 +91,29 @@ def latency_ms(predictor: Any, images: list[str]) -> float:
     return round(float(np.median(seconds)) * 1e3, 1)
 
 
+def members_seed(folders: list[str], default: int) -> int:
+    """The training seed the checkpoints share (the fold models of one CV run do), else ``default``.
+
+    An ensemble's record is filed under this seed so that seed-43 fold models are not listed as seed 42;
+    it only draws the validation images the latency is timed on, clean Test and Test do not depend on it.
+    """
+    seeds = set()
+    for folder in folders:
+        summary = Path(folder) / "metrics.json"
+        seeds.add(json.loads(summary.read_text()).get("arguments", {}).get("seed") if summary.is_file() else None)
+    return seeds.pop() if len(seeds) == 1 and None not in seeds else default
+
+
 def run_ensemble(exp: Any) -> dict[str, Any]:
     """Evaluate an ensemble of trained checkpoints on clean Test and published Test, with its latency cost.
 
     Fold models of a CV run have each seen 4/5 of Train, validation included, so there is no
     held-out split left to select with: ensembles are reported, never chosen on Test.
     """
-    data = prepare_data(DataArguments(data_dir=exp.data_dir), exp.seed[0])
+    seed = members_seed(exp.ensemble, default=exp.seed[0])
+    data = prepare_data(DataArguments(data_dir=exp.data_dir), seed)
     ensemble = Ensemble(exp.ensemble)
-    record: dict[str, Any] = {"recipe": exp.name or "ensemble", "kind": "ensemble", "members": exp.ensemble, "seed": exp.seed[0],
+    record: dict[str, Any] = {"recipe": exp.name or "ensemble", "kind": "ensemble", "members": exp.ensemble, "seed": seed,
                               "commit": git_commit(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     started = time.perf_counter()
     for split in ("clean_test", "test"):

@@ -42,7 +42,8 @@ class ExperimentArguments:
     seed: list[int] = field(
         default_factory=lambda: [42],
         metadata={"help": "Seed(s): each recipe runs once per seed. With --cv the seed also draws the folds, so "
-                  "`--cv 5 --seed 42 43` is the repeated grouped CV of docs/experiments.md."},
+                  "`--cv 5 --seed 42 43` is the repeated grouped CV of docs/experiments.md. An --ensemble of "
+                  "checkpoints trained with one seed (e.g. the fold models of a CV run) is recorded under theirs."},
     )
     cv: int = field(default=0, metadata={"help": "Grouped k-fold CV of each recipe instead of one train/validation run (e.g. 5)."})
     resume: bool = field(default=False, metadata={"help": "Continue interrupted runs in --work_dir (finished CV folds are kept) "

@@ -215,11 +215,13 @@ def test_equalisation_is_trained_saved_and_used_at_inference(handful, tiny_vit, 
 
 
 def test_ensemble_record_averages_members_and_costs_their_latency(handful, trained_vit, tmp_path):
-    experiments.main(["--ensemble", str(trained_vit), str(trained_vit), "--name", "twins", "--data_dir", str(handful),
+    experiments.main(["--ensemble", str(trained_vit), str(trained_vit), "--name", "twins", "--data_dir", str(handful), "--seed", "7",
                       "--results_dir", str(tmp_path / "results"), "--table_path", str(tmp_path / "table.md")])
     (path,) = (tmp_path / "results").glob("*.json")
     record = json.loads(path.read_text())
     assert record["kind"] == "ensemble" and len(record["members"]) == 2
+    trained_seed = json.loads((trained_vit / "metrics.json").read_text())["arguments"]["seed"]
+    assert record["seed"] == trained_seed != 7 and path.name.endswith(f"-seed{trained_seed}.json")  # filed under the members' seed
     assert record["test"]["accuracy"] == record["test_single_members"][0]["accuracy"]  # two identical members
     assert record["latency_ms_per_image"]["ensemble"] > 0
     assert "| twins | 2 |" in (tmp_path / "table.md").read_text()

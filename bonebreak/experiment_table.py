@@ -45,6 +45,9 @@ One validation split of 147 images cannot tell a real +0.03 macro-F1 from noise 
 3. A recipe is adopted only when the whole t interval of its macro-F1 gain lies above zero, over at least two
    seeds (one seed's five folds are one draw of the split; here a second seed has reversed a gain that the first
    seed's pairs alone put above zero). Only then is it trained on the full Train folder to be shipped.
+   Passing is necessary, not sufficient: an ensemble also multiplies the inference cost, and a row built
+   from the label files carries the optimism described below, so the README weighs those against the
+   clean-Test check of their fold models before anything is shipped.
 
 Label errors (`python -m bonebreak.label_issues --cv_dir <the baseline's CV folder>`): cleanlab's confident
 learning on the baseline CV's out-of-fold probabilities (every Train image scored by a fold model that saw

@@ -180,7 +180,7 @@ def paired_table(cv_runs: list[dict[str, Any]], figure: str | None = None) -> li
              "Pairs use the newest record of each recipe and seed, and only records with the same note (the note column: runs on "
              "other data or hardware are never paired with these).", "",
              "| recipe | CV | note | seeds | pairs | macro-F1 (recipe / baseline) | macro-F1 gain [t 95%] (bootstrap) | accuracy gain [t 95%] | "
-             "top-3 gain [t 95%] | adopt |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "top-3 gain [t 95%] | passes the rule |", "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         gains = row["gains"]
         f1 = gains["macro_f1"]

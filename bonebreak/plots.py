@@ -67,7 +67,7 @@ def plot_training_curves(log_history: list[dict[str, Any]], path: str | os.PathL
 
 def plot_paired_gains(rows: list[dict[str, Any]], path: str | os.PathLike, title: str) -> Path:
     """Forest plot: per row (``label``, ``differences``, ``gain``, ``t_interval``, ``adopt``) every paired
-    difference as a dot, the mean gain and its 95% interval as a bar; green only where the protocol adopts."""
+    difference as a dot, the mean gain and its 95% interval as a bar; green only where the gain passes the protocol's rule."""
     fig, ax = plt.subplots(figsize=(10, 1.4 + 0.6 * len(rows)))
     for y, row in enumerate(reversed(rows)):
         colour = "tab:green" if row["adopt"] else "tab:grey"
@@ -79,7 +79,7 @@ def plot_paired_gains(rows: list[dict[str, Any]], path: str | os.PathLike, title
     ax.axvline(0.0, color="tab:red", linewidth=1)
     ax.set_yticks(range(len(rows)), [row["label"] for row in reversed(rows)])
     ax.set_ylim(-0.6, len(rows) - 0.3)
-    ax.set_xlabel("gain  (dots: one per seed and fold;  bar: mean and 95% t interval;  green: adopted)")
+    ax.set_xlabel("gain  (dots: one per seed and fold;  bar: mean and 95% t interval;  green: passes the rule)")
     fig.suptitle(title)  # over the whole figure: the long row labels push the axes right
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -50,7 +50,7 @@ def bootstrap_interval(differences: np.ndarray, level: float = LEVEL, resamples:
 
 
 def verdict(seeds: int, t_low: float) -> str:
-    """The adopt column in words: "yes", "no", or why the protocol cannot decide yet."""
+    """The "passes the rule" column in words: "yes", "no", or why the protocol cannot decide yet."""
     if seeds < MIN_SEEDS:
         return f"not decided: {seeds} seed{'s' if seeds != 1 else ''}, the protocol needs {MIN_SEEDS}"
     return "yes" if t_low > 0 else "no"

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from .data import image_paths
-from .evaluation import PROBABILITIES_FILE, evaluate_split, metrics_with_intervals, predict_dataset, read_probabilities, true_indices
+from .evaluation import (PROBABILITIES_FILE, evaluate_split, metrics_with_intervals, predict_dataset, read_probabilities, true_indices,
+                         write_probabilities)
 from .inference import Ensemble, Predictor
 from .experiment_table import METRICS
 from .metrics import classification_metrics, headline
@@ -32,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = sorted(p.stem for p in RECIPES_DIR.glob("*.json"))  # recipes/<name>.json; baseline.json is the shipped recipe
+OOF_SUFFIX = ".oof.csv"  # <record>.oof.csv: a CV run's held-out probabilities, kept beside its JSON record
 RUNNER_OUTPUTS = ("docs/experiments.md", "docs/experiments_protocol.png", "benchmarks/results")  # its default outputs
 
 
@@ -129,25 +131,58 @@ def run_ensemble(exp: Any) -> dict[str, Any]:
     return record
 
 
-def is_cv_run(folder: str | os.PathLike) -> bool:
-    return (Path(folder) / "cv.json").is_file()
+def kept_out_of_fold(record_file: str | os.PathLike) -> Path | None:
+    """The held-out probabilities kept beside a CV record (``<record>.oof.csv``), if it has them.
+
+    Records written before they were kept name a file in their run's work folder instead: not kept.
+    """
+    record_file = Path(record_file)
+    if record_file.suffix != ".json" or not record_file.is_file():
+        return None
+    record = json.loads(record_file.read_text())
+    kept = record_file.parent / str(record.get("out_of_fold") or "")
+    return kept if str(record.get("kind", "")).startswith("cv") and kept.name.endswith(OOF_SUFFIX) and kept.is_file() else None
 
 
-def cv_ensemble_folds(folders: list[str]) -> tuple[int, int, list[dict[str, Any]]]:
+def is_cv_run(member: str | os.PathLike) -> bool:
+    """A CV run folder (with ``cv.json``) or a CV record whose held-out probabilities were kept beside it."""
+    return (Path(member) / "cv.json").is_file() or kept_out_of_fold(member) is not None
+
+
+FoldTable = tuple[list[str], list[str], np.ndarray, list[str]]  # read_probabilities: paths, given labels, probabilities, classes
+
+
+def cv_member_folds(member: str | os.PathLike) -> tuple[int, int, list[FoldTable]]:
+    """Seed, fold count and each held-out fold's probabilities of one CV run, from its folder or its record."""
+    member = Path(member)
+    if member.is_dir():
+        run = json.loads((member / "cv.json").read_text())
+        folds = [read_probabilities(member / f"fold{fold}" / "eval_validation" / PROBABILITIES_FILE) for fold in range(run["folds"])]
+        return run["seed"], run["folds"], folds
+    record = json.loads(member.read_text())
+    paths, given, probs, labels = read_probabilities(kept_out_of_fold(member) or "")
+    sizes = [fold["n_validation"] for fold in record["cv"]["per_fold"]]
+    if sum(sizes) != len(paths):
+        raise ValueError(f"{member}: its kept held-out probabilities have {len(paths)} rows, its folds {sum(sizes)} images")
+    bounds = np.cumsum([0, *sizes])  # the kept file lists fold 0's images, then fold 1's, ... (merge_out_of_fold)
+    return record["seed"], len(sizes), [(paths[a:b], given[a:b], probs[a:b], labels) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def cv_ensemble_folds(members: list[str]) -> tuple[int, int, list[dict[str, Any]]]:
     """Seed, fold count and per-fold scores of the mean of several CV runs' held-out probabilities."""
-    runs = [json.loads((Path(folder) / "cv.json").read_text()) for folder in folders]
-    draws = {(run["seed"], run["folds"]) for run in runs}
+    runs = [cv_member_folds(member) for member in members]
+    draws = {(seed, folds) for seed, folds, _ in runs}
     if len(draws) != 1:
         raise ValueError(f"--ensemble of CV runs: the members were run with different --seed / --cv_folds {sorted(draws)}; "
                          "an ensemble is scored fold by fold, so every member needs the same folds")
     seed, folds = draws.pop()
     per_fold = []
     for fold in range(folds):
-        tables = [read_probabilities(Path(folder) / f"fold{fold}" / "eval_validation" / PROBABILITIES_FILE) for folder in folders]
+        tables = [fold_tables[fold] for _, _, fold_tables in runs]
         paths, given, _, labels = tables[0]
-        for folder, (other_paths, _, _, other_labels) in zip(folders[1:], tables[1:]):
+        for folder, (other_paths, _, _, other_labels) in zip(members[1:], tables[1:]):
             if other_paths != paths or other_labels != labels:
-                raise ValueError(f"{folder} fold {fold}: its held-out images or label order differ from {folders[0]}'s; "
+                raise ValueError(f"{folder} fold {fold}: its held-out images or label order differ from {members[0]}'s; "
                                  "the members must be CV runs over the same data with the same --seed")
         truth = np.array([labels.index(label) for label in given])
         probs = np.mean([probabilities for _, _, probabilities, _ in tables], axis=0)
@@ -161,18 +196,22 @@ def run_cv_ensemble(exp: Any) -> dict[str, Any]:
     The members are CV runs with the same seed and folds (e.g. ``--cv 5 --seed 42`` of baseline and lite1), so
     every held-out fold is scored by models none of which saw it, and the record pairs with the baseline's folds
     like a recipe's does. Its cost is the members' inference together: the latency is measured on the members'
-    fold-0 models.
+    fold-0 models when the members are run folders; members given as records (their models are not kept) leave
+    it unmeasured.
     """
     started = time.perf_counter()
     seed, folds, per_fold = cv_ensemble_folds(exp.ensemble)
-    ensemble = Ensemble([str(Path(folder) / "fold0") for folder in exp.ensemble])
-    sample = read_probabilities(Path(exp.ensemble[0]) / "fold0" / "eval_validation" / PROBABILITIES_FILE)[0][:20]
+    latency = None
+    if all(Path(member).is_dir() for member in exp.ensemble):
+        ensemble = Ensemble([str(Path(folder) / "fold0") for folder in exp.ensemble])
+        sample = read_probabilities(Path(exp.ensemble[0]) / "fold0" / "eval_validation" / PROBABILITIES_FILE)[0][:20]
+        latency = {"ensemble": latency_ms(ensemble, sample), "one_member": latency_ms(ensemble.members[0], sample)}
     return {
         "recipe": exp.name or "ensemble", "kind": f"cv{folds}", "members": exp.ensemble, "seed": seed,
         "commit": git_commit(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "note": exp.note,
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(), "gpu": None},
         "cv": {**fold_spread(per_fold), "per_fold": per_fold},
-        "latency_ms_per_image": {"ensemble": latency_ms(ensemble, sample), "one_member": latency_ms(ensemble.members[0], sample)},
+        "latency_ms_per_image": latency,
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
 
@@ -212,9 +251,27 @@ def run_recipe(name: str, exp: Any, seed: int) -> dict[str, Any]:
     return record
 
 
-def save_record(record: dict[str, Any], results_dir: str | os.PathLike) -> Path:
+def keep_out_of_fold(source: str | os.PathLike, kept: Path, data_dir: str | os.PathLike | None) -> Path:
+    """Copy a CV run's held-out probabilities, image paths relative to the dataset folder so they hold on any machine."""
+    paths, given, probs, labels = read_probabilities(source)
+    if data_dir is not None:
+        root = os.path.abspath(data_dir)
+        paths = [os.path.relpath(os.path.abspath(p), root) if os.path.abspath(p).startswith(root + os.sep) else p for p in paths]
+    return write_probabilities(kept, paths, given, probs, labels)
+
+
+def save_record(record: dict[str, Any], results_dir: str | os.PathLike, data_dir: str | os.PathLike | None = None) -> Path:
+    """Write the JSON record; a CV run's held-out probabilities are kept beside it (``<record>.oof.csv``).
+
+    The work folder with the models is not committed, so without that copy a later ``--ensemble`` of this run with
+    another (the protocol's way to judge an ensemble) would need the run trained again.
+    """
     out = Path(results_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{record['started'][:19].replace(':', '')}-{record['recipe']}-{record['kind']}-seed{record['seed']}.json"
+    source = record.get("out_of_fold")
+    if source and Path(source).is_file():
+        kept = keep_out_of_fold(source, path.with_suffix(OOF_SUFFIX), data_dir)
+        record = {**record, "out_of_fold": kept.name}
     path.write_text(json.dumps(record, indent=2))
     return path

@@ -63,7 +63,10 @@ derived from: a mild optimism the paired table does not remove. The recipes `exc
 
 Two more uses of the CV runs, no training needed: `--ensemble <work_dir>/A-cv5-seed42 <work_dir>/B-cv5-seed42 --name N`
 scores the mean of the members' held-out probabilities fold by fold, so an ensemble gets a row in the paired
-table like a recipe (run it once per seed under the same name); and `--ensemble <work_dir>/A-cv5-seed42/fold0 ...
+table like a recipe (run it once per seed under the same name). A CV run's held-out probabilities are also kept
+beside its record (`benchmarks/results/<record>.oof.csv`, paths relative to the dataset), so the members can be
+given as those records instead of work folders, on any machine, without the models (then no latency is measured;
+the older records lack the file, and their work folders are gone). And `--ensemble <work_dir>/A-cv5-seed42/fold0 ...
 fold4` scores a CV run's five fold models on clean Test, each and averaged (the ensembles table): a check on
 images and labels that no label file touched, and so free of the optimism above.
 """

@@ -6,10 +6,11 @@ shipped recipe, parsed by the same parser. A run trains
 on the grouped train split, selects the epoch on grouped validation, evaluates on validation,
 clean Test (published Test minus images with a near-copy in Train) and published Test (leaks),
 each with and without flip test-time augmentation, and appends one JSON record to
-``benchmarks/results/``. ``--cv 5`` runs grouped 5-fold CV of the recipe instead.
+``benchmarks/results/``. ``--cv 5`` runs grouped 5-fold CV of the recipe instead; its held-out probabilities are
+kept beside the record (``<record>.oof.csv``), since the work folder with the models is not committed.
 ``--ensemble DIR DIR ...`` evaluates the mean of several trained checkpoints (e.g. CV fold models) and
-its latency cost; given CV run folders (``<work_dir>/<recipe>-cv5-seed42``) it scores the ensemble fold by
-fold instead, so the selection protocol can judge it against the baseline.
+its latency cost; given CV run folders (``<work_dir>/<recipe>-cv5-seed42``) or CV records with their kept
+``.oof.csv`` it scores the ensemble fold by fold instead, so the selection protocol can judge it against the baseline.
 ``python -m bonebreak.experiments --table`` regenerates ``docs/experiments.md`` and its forest plot.
 
 Selection rule: the paired repeated-CV protocol of ``bonebreak/protocol.py`` (docs/experiments.md); Test is
@@ -20,8 +21,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .cli import parse
+from .data import resolve_data_dir
 from .experiment_runs import (
     RECIPES,
     is_cv_run,
@@ -63,9 +66,10 @@ class ExperimentArguments:
     ensemble: list[str] = field(
         default_factory=list,
         metadata={"help": "Instead of training, evaluate the mean of these checkpoints' probabilities on clean Test (e.g. "
-                  "runs/cv5/fold*), or, given CV run folders of one seed (e.g. runs/experiments/baseline-cv5-seed42 "
-                  "runs/experiments/lite1-cv5-seed42), score it fold by fold for the selection protocol (pass the "
-                  "members' --note so it pairs with their baseline)."},
+                  "runs/cv5/fold*), or, given CV runs of one seed, score it fold by fold for the selection protocol (pass "
+                  "the members' --note so it pairs with their baseline): their folders (e.g. runs/experiments/baseline-cv5-seed42 "
+                  "runs/experiments/lite1-cv5-seed42) or their records in benchmarks/results/ (the held-out probabilities "
+                  "are kept beside them; no models, so no latency)."},
     )
     name: str | None = field(default=None, metadata={"help": "Name of the --ensemble record (default: ensemble)."})
 
@@ -77,12 +81,26 @@ class ExperimentArguments:
             raise ValueError("name at least one recipe with --recipes, checkpoints with --ensemble, or pass --table")
         if len(self.ensemble) == 1:
             raise ValueError("--ensemble needs at least 2 checkpoint folders")
-        cv_runs = [is_cv_run(folder) for folder in self.ensemble]
-        if any(cv_runs) and not all(cv_runs):
-            raise ValueError("--ensemble takes either checkpoint folders or CV run folders (with cv.json), not a mix: "
-                             + ", ".join(f for f, cv in zip(self.ensemble, cv_runs) if not cv) + " is not a CV run")
+        check_ensemble_members(self.ensemble)
         if self.cv == 1 or self.cv < 0:
             raise ValueError(f"--cv must be 0 (off) or >= 2, got {self.cv}")
+
+
+def check_ensemble_members(members: list[str]) -> None:
+    """Checkpoint folders, or CV runs all given one way: run folders, or records with their kept probabilities."""
+    cv_runs = [is_cv_run(member) for member in members]
+    stray = [member for member, cv in zip(members, cv_runs) if Path(member).is_file() and not cv]
+    if stray:
+        raise ValueError(f"--ensemble {', '.join(stray)}: not a CV record with its held-out probabilities kept beside it "
+                         "(<record>.oof.csv, written since they are kept); pass the run's folder instead")
+    if any(cv_runs) and not all(cv_runs):
+        raise ValueError("--ensemble takes either checkpoint folders or CV runs (folders with cv.json, or records with "
+                         "their kept .oof.csv), not a mix: " + ", ".join(f for f, cv in zip(members, cv_runs) if not cv)
+                         + " is not a CV run")
+    folders = [Path(member).is_dir() for member in members]
+    if all(cv_runs) and any(folders) and not all(folders):
+        raise ValueError("--ensemble of CV runs: give all members as run folders or all as records, not a mix (a "
+                         "record's image paths are relative to the dataset, a folder's as its run was given --data_dir)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -91,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in exp.recipes:
         for seed in exp.seed:
             logger.info("experiment %s (seed %d)", name, seed)
-            path = save_record(run_recipe(name, exp, seed), exp.results_dir)
+            path = save_record(run_recipe(name, exp, seed), exp.results_dir, resolve_data_dir(exp.data_dir))
             logger.info("record written to %s", path)
             write_table(exp)
     if exp.ensemble:

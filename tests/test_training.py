@@ -15,7 +15,7 @@ import torch
 import pytest
 from PIL import Image
 
-from bonebreak import experiments
+from bonebreak import experiment_runs, experiments
 from bonebreak.arguments import DataArguments, cpu_has_native_bf16, parse_arguments, with_output_dir
 from bonebreak.evaluation import read_probabilities, write_probabilities
 from bonebreak.recipe_extras import class_weights
@@ -156,6 +156,7 @@ def test_grouped_cross_validation_reports_mean_and_spread(handful, tiny_vit, tmp
     with pytest.raises(ValueError, match="--cv_folds needs the grouped split manifest"):
         main(["--data_dir", str(handful), "--model", str(tiny_vit), "--output_dir", str(tmp_path / "x"), "--cv_folds", "2"])
     check_cv_ensemble(out, saved, tmp_path)
+    check_kept_out_of_fold(out, saved, handful, tmp_path)
 
 
 def check_cv_ensemble(run: Path, saved: dict, tmp_path: Path) -> None:
@@ -188,6 +189,35 @@ def check_cv_ensemble(run: Path, saved: dict, tmp_path: Path) -> None:
         experiments.main(["--ensemble", str(run), str(other_seed), *common])
     with pytest.raises(ValueError, match="not a mix"):
         experiments.ExperimentArguments(ensemble=[str(run), str(run / "fold0")])
+
+
+def check_kept_out_of_fold(run: Path, saved: dict, data_dir: Path, tmp_path: Path) -> None:
+    """A CV record keeps its held-out probabilities beside it, so an --ensemble needs no work folder later."""
+    kept_dir = tmp_path / "kept"
+    record = {"recipe": "tiny", "kind": "cv3", "seed": saved["seed"], "started": "2026-11-27T10:00:00+0000",
+              "cv": {"mean": saved["mean"], "std": saved["std"], "per_fold": saved["per_fold"]}, "out_of_fold": saved["out_of_fold"]}
+    path = experiment_runs.save_record(record, kept_dir, data_dir)
+    kept = kept_dir / json.loads(path.read_text())["out_of_fold"]
+    assert kept.name == path.name.replace(".json", ".oof.csv") and kept.is_file()
+    paths, given, probs, labels = read_probabilities(kept)
+    source_paths, source_given, source_probs, source_labels = read_probabilities(saved["out_of_fold"])
+    assert not any(os.path.isabs(p) for p in paths)  # relative to the dataset: the same on every machine
+    assert [os.path.abspath(data_dir / p) for p in paths] == [os.path.abspath(p) for p in source_paths]
+    assert (given, labels) == (source_given, source_labels) and np.allclose(probs, source_probs)
+    copy = shutil.copy(path, kept_dir / "copy.json")  # a second member (records name their kept file, so it is shared)
+    results = tmp_path / "results_from_records"
+    common = ["--results_dir", str(results), "--table_path", str(tmp_path / "table_from_records.md")]
+    experiments.main(["--ensemble", str(path), str(copy), "--name", "twin_records", *common])
+    [twins] = map(json.loads, map(Path.read_text, results.glob("*.json")))
+    for mine, member in zip(twins["cv"]["per_fold"], saved["per_fold"], strict=True):  # the folds are cut as the run cut them
+        assert mine["n_validation"] == member["n_validation"] and mine["macro_f1"] == pytest.approx(member["macro_f1"], abs=1e-4)
+    assert twins["latency_ms_per_image"] is None  # no models in a record: not timed
+    with pytest.raises(ValueError, match="not a mix"):
+        experiments.ExperimentArguments(ensemble=[str(run), str(path)])
+    old = kept_dir / "old.json"  # written before held-out probabilities were kept: names a work-folder file
+    old.write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="pass the run's folder instead"):
+        experiments.ExperimentArguments(ensemble=[str(path), str(old)])
 
 
 def test_same_seed_gives_the_same_model(handful, tiny_vit, tmp_path):

@@ -25,7 +25,7 @@ from .evaluation import (PROBABILITIES_FILE, evaluate_split, metrics_with_interv
 from .inference import Ensemble, Predictor
 from .experiment_table import METRICS
 from .metrics import classification_metrics, headline
-from .splits import EVALUATION_SPLITS
+from .splits import EVALUATION_SPLITS, relative_path
 from .arguments import RECIPES_DIR, DataArguments, arguments_record, parse_arguments, read_recipe
 from .training import fold_spread, prepare_data, run_cv, run_training
 
@@ -139,7 +139,10 @@ def kept_out_of_fold(record_file: str | os.PathLike) -> Path | None:
     record_file = Path(record_file)
     if record_file.suffix != ".json" or not record_file.is_file():
         return None
-    record = json.loads(record_file.read_text())
+    return kept_file(json.loads(record_file.read_text()), record_file)
+
+
+def kept_file(record: dict[str, Any], record_file: Path) -> Path | None:
     kept = record_file.parent / str(record.get("out_of_fold") or "")
     return kept if str(record.get("kind", "")).startswith("cv") and kept.name.endswith(OOF_SUFFIX) and kept.is_file() else None
 
@@ -160,7 +163,10 @@ def cv_member_folds(member: str | os.PathLike) -> tuple[int, int, list[FoldTable
         folds = [read_probabilities(member / f"fold{fold}" / "eval_validation" / PROBABILITIES_FILE) for fold in range(run["folds"])]
         return run["seed"], run["folds"], folds
     record = json.loads(member.read_text())
-    paths, given, probs, labels = read_probabilities(kept_out_of_fold(member) or "")
+    kept = kept_file(record, member)
+    if kept is None:
+        raise ValueError(f"{member}: no held-out probabilities kept beside it ({member.stem}{OOF_SUFFIX}); pass the run's folder instead")
+    paths, given, probs, labels = read_probabilities(kept)
     sizes = [fold["n_validation"] for fold in record["cv"]["per_fold"]]
     if sum(sizes) != len(paths):
         raise ValueError(f"{member}: its kept held-out probabilities have {len(paths)} rows, its folds {sum(sizes)} images")
@@ -255,8 +261,8 @@ def keep_out_of_fold(source: str | os.PathLike, kept: Path, data_dir: str | os.P
     """Copy a CV run's held-out probabilities, image paths relative to the dataset folder so they hold on any machine."""
     paths, given, probs, labels = read_probabilities(source)
     if data_dir is not None:
-        root = os.path.abspath(data_dir)
-        paths = [os.path.relpath(os.path.abspath(p), root) if os.path.abspath(p).startswith(root + os.sep) else p for p in paths]
+        root = Path(os.path.abspath(data_dir))
+        paths = [relative_path(Path(os.path.abspath(p)), root) for p in paths]
     return write_probabilities(kept, paths, given, probs, labels)
 
 

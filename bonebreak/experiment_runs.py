@@ -42,7 +42,7 @@ def recipe_arguments(name: str, exp: Any, seed: int) -> tuple:
     """``train.py --recipe recipes/<name>.json`` plus this runner's data, seed, output folder and overrides."""
     kind = f"cv{exp.cv}-" if exp.cv else ""
     argv = ["--recipe", str(RECIPES_DIR / f"{name}.json"), "--seed", str(seed),
-            "--output_dir", str(Path(exp.work_dir) / f"{name}-{kind}seed{seed}"), "--resume" if exp.resume else "--overwrite_output_dir"]
+            "--output_dir", str(Path(exp.work_dir) / f"{exp.name or name}-{kind}seed{seed}"), "--resume" if exp.resume else "--overwrite_output_dir"]
     if exp.data_dir:
         argv += ["--data_dir", exp.data_dir]
     if exp.max_train_samples:
@@ -230,7 +230,8 @@ def run_recipe(name: str, exp: Any, seed: int) -> dict[str, Any]:
     started = time.perf_counter()
     arguments = arguments_record(model_args, data_args, args)
     record: dict[str, Any] = {
-        "recipe": name,
+        "recipe": exp.name or name,
+        **({"trains_recipe": name} if exp.name else {}),  # a renamed repeat (--name): which recipe it trained
         "overrides": read_recipe(RECIPES_DIR / f"{name}.json"),
         "arguments": {k: v for k, v in arguments.items() if k not in ("data_dir", "output_dir", "overwrite_output_dir", "resume", "recipe")},
         "seed": seed,

@@ -69,6 +69,11 @@ given as those records instead of work folders, on any machine, without the mode
 the older records lack the file, and their work folders are gone). And `--ensemble <work_dir>/A-cv5-seed42/fold0 ...
 fold4` scores a CV run's five fold models on clean Test, each and averaged (the ensembles table): a check on
 images and labels that no label file touched, and so free of the optimism above.
+
+A rerun of a recipe and seed supersedes its older record in the paired table. To repeat the baseline without
+moving the reference every recipe was judged against, record the repeat under its own name
+(`--recipes baseline --name baseline_rerun`): it gets its own row, the same recipe on the same folds, so its
+"gain" is training noise alone (on these CPUs a repeat does not reproduce a run bit for bit across machines).
 """
 
 
@@ -146,7 +151,8 @@ def render_table(records: list[dict[str, Any]], table_path: str | os.PathLike = 
 def latest_per_seed(cv_runs: list[dict[str, Any]]) -> dict[tuple[str, str | None, str], list[dict[str, Any]]]:
     """(CV kind, note, recipe) -> the newest record of each seed. Runs are compared only within one kind and note
     (a note marks runs on other data or hardware, e.g. the GPU sweeps on a resized copy), and a rerun of a recipe
-    and seed supersedes the older record, which stays in benchmarks/results/."""
+    and seed supersedes the older record, which stays in benchmarks/results/ (a repeat recorded with ``--name``
+    is another recipe here, so it supersedes nothing)."""
     newest: dict[tuple[str, str | None, str, int], dict[str, Any]] = {}
     for r in sorted(cv_runs, key=lambda r: r.get("started", "")):
         newest[(r["kind"], r.get("note"), r["recipe"], r["seed"])] = r

@@ -71,7 +71,13 @@ class ExperimentArguments:
                   "runs/experiments/lite1-cv5-seed42) or their records in benchmarks/results/ (the held-out probabilities "
                   "are kept beside them; no models, so no latency)."},
     )
-    name: str | None = field(default=None, metadata={"help": "Name of the --ensemble record (default: ensemble)."})
+    name: str | None = field(
+        default=None,
+        metadata={"help": "Name of the --ensemble record (default: ensemble), or of the runs of the one recipe in --recipes "
+                  "(default: the recipe's name), e.g. --recipes baseline --name baseline_rerun for a repeat that gets its "
+                  "own row (the same recipe on the same folds: its gain is training noise alone) instead of superseding "
+                  "the baseline every recipe is paired with."},
+    )
 
     def __post_init__(self) -> None:
         unknown = [name for name in self.recipes if name not in RECIPES]
@@ -79,6 +85,12 @@ class ExperimentArguments:
             raise ValueError(f"unknown recipe(s) {', '.join(unknown)}; --recipes takes: {', '.join(RECIPES)}")
         if not self.recipes and not self.table and not self.ensemble:
             raise ValueError("name at least one recipe with --recipes, checkpoints with --ensemble, or pass --table")
+        if self.name and len(self.recipes) > 1:
+            raise ValueError(f"--name {self.name} names the runs of one recipe, but --recipes has {len(self.recipes)}: "
+                             "run them one at a time")
+        if self.name in RECIPES and self.recipes and self.name not in self.recipes:
+            raise ValueError(f"--name {self.name} is another recipe's name: its runs would be paired as that recipe; "
+                             f"pick a new name (e.g. {self.recipes[0]}_rerun)")
         if len(self.ensemble) == 1:
             raise ValueError("--ensemble needs at least 2 checkpoint folders")
         check_ensemble_members(self.ensemble)

@@ -112,6 +112,12 @@ def test_every_recipe_is_a_valid_training_command():
     flagged = experiments.ExperimentArguments(recipes=["baseline"], train_flags="--dataloader_num_workers 7 --torch_compile")
     _, _, args = experiment_runs.recipe_arguments("baseline", flagged, 42)
     assert args.dataloader_num_workers == 7 and args.torch_compile  # extra Trainer flags reach every run
+    rerun = experiments.ExperimentArguments(recipes=["baseline"], name="baseline_rerun", cv=5)
+    assert experiment_runs.recipe_arguments("baseline", rerun, 43)[2].output_dir.endswith("baseline_rerun-cv5-seed43")
+    with pytest.raises(ValueError, match="--name baseline_rerun names the runs of one recipe, but --recipes has 2"):
+        experiments.ExperimentArguments(recipes=["baseline", "lite1"], name="baseline_rerun")
+    with pytest.raises(ValueError, match="--name baseline is another recipe's name.*lite1_rerun"):
+        experiments.ExperimentArguments(recipes=["lite1"], name="baseline")  # would be paired as the reference
     with pytest.raises(ValueError, match="unknown recipe"):
         experiments.ExperimentArguments(recipes=["magic"])
     with pytest.raises(ValueError, match="--recipes"):
@@ -119,17 +125,20 @@ def test_every_recipe_is_a_valid_training_command():
 
 
 def test_runner_trains_records_and_tabulates(handful, tmp_path):
-    experiments.main(["--recipes", "mixup", "--data_dir", str(handful), "--epochs", "1", "--results_dir", str(tmp_path / "results"),
-                      "--work_dir", str(tmp_path / "work"), "--table_path", str(tmp_path / "table.md")])
+    # --name: the runs of one recipe recorded under another name (a repeat that must not supersede the original)
+    experiments.main(["--recipes", "mixup", "--name", "mixup_rerun", "--data_dir", str(handful), "--epochs", "1",
+                      "--results_dir", str(tmp_path / "results"), "--work_dir", str(tmp_path / "work"),
+                      "--table_path", str(tmp_path / "table.md")])
     (path,) = (tmp_path / "results").glob("*.json")
     record = json.loads(path.read_text())
-    assert record["recipe"] == "mixup" and record["arguments"]["mixup"] == 0.5 and record["kind"] == "split"
+    assert record["recipe"] == "mixup_rerun" and record["trains_recipe"] == "mixup" and record["kind"] == "split"
+    assert record["arguments"]["mixup"] == 0.5 and (tmp_path / "work" / "mixup_rerun-seed42" / "metrics.json").is_file()
     for split in ("validation", "test", "validation_tta", "test_tta"):
         assert 0 <= record[split]["accuracy"] <= 1 and len(record[split]["ci95"]["macro_f1"]) == 2
     assert record["commit"] and record["wall_seconds"] > 0
     assert record["machine"]["gpu"] is None and record["train_flags"] == "" and record["note"] is None
     table = (tmp_path / "table.md").read_text()
-    assert "| mixup | `--mixup 0.5` |" in table and "do not edit by hand" in table
+    assert "| mixup_rerun | `--mixup 0.5` |" in table and "do not edit by hand" in table
     assert record["inference"] == "fp32"
     with pytest.raises(ValueError, match="--reevaluate"):  # the finished re-evaluation migration is gone
         experiments.main(["--table", "--reevaluate"])

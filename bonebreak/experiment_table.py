@@ -73,7 +73,7 @@ images and labels that no label file touched, and so free of the optimism above.
 A rerun of a recipe and seed supersedes its older record in the paired table. To repeat the baseline without
 moving the reference every recipe was judged against, record the repeat under its own name
 (`--recipes baseline --name baseline_rerun`): it gets its own row, the same recipe on the same folds, so its
-"gain" is training noise alone (on these CPUs a repeat does not reproduce a run bit for bit across machines).
+"gain" is training noise alone (a repeat need not reproduce a run bit for bit: the seed-43 CPU repeat did not).
 """
 
 

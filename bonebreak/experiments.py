@@ -85,6 +85,9 @@ class ExperimentArguments:
             raise ValueError(f"unknown recipe(s) {', '.join(unknown)}; --recipes takes: {', '.join(RECIPES)}")
         if not self.recipes and not self.table and not self.ensemble:
             raise ValueError("name at least one recipe with --recipes, checkpoints with --ensemble, or pass --table")
+        if self.name and self.recipes and self.ensemble:
+            raise ValueError(f"--name {self.name} would name both the --recipes runs and the --ensemble record: run them "
+                             "one at a time")
         if self.name and len(self.recipes) > 1:
             raise ValueError(f"--name {self.name} names the runs of one recipe, but --recipes has {len(self.recipes)}: "
                              "run them one at a time")

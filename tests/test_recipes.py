@@ -118,6 +118,8 @@ def test_every_recipe_is_a_valid_training_command():
         experiments.ExperimentArguments(recipes=["baseline", "lite1"], name="baseline_rerun")
     with pytest.raises(ValueError, match="--name baseline is another recipe's name.*lite1_rerun"):
         experiments.ExperimentArguments(recipes=["lite1"], name="baseline")  # would be paired as the reference
+    with pytest.raises(ValueError, match="both the --recipes runs and the --ensemble record"):
+        experiments.ExperimentArguments(recipes=["lite1"], ensemble=["a", "b"], name="lite1_rerun")
     with pytest.raises(ValueError, match="unknown recipe"):
         experiments.ExperimentArguments(recipes=["magic"])
     with pytest.raises(ValueError, match="--recipes"):

@@ -38,11 +38,16 @@ RUNNER_OUTPUTS = ("docs/experiments.md", "docs/experiments_protocol.png", "bench
 
 
 
+def run_name(name: str, exp: Any) -> str:
+    """What a recipe's runs are called in their work folder and record: ``--name`` if given (a repeat), else the recipe."""
+    return exp.name or name
+
+
 def recipe_arguments(name: str, exp: Any, seed: int) -> tuple:
     """``train.py --recipe recipes/<name>.json`` plus this runner's data, seed, output folder and overrides."""
     kind = f"cv{exp.cv}-" if exp.cv else ""
     argv = ["--recipe", str(RECIPES_DIR / f"{name}.json"), "--seed", str(seed),
-            "--output_dir", str(Path(exp.work_dir) / f"{exp.name or name}-{kind}seed{seed}"), "--resume" if exp.resume else "--overwrite_output_dir"]
+            "--output_dir", str(Path(exp.work_dir) / f"{run_name(name, exp)}-{kind}seed{seed}"), "--resume" if exp.resume else "--overwrite_output_dir"]
     if exp.data_dir:
         argv += ["--data_dir", exp.data_dir]
     if exp.max_train_samples:
@@ -230,8 +235,8 @@ def run_recipe(name: str, exp: Any, seed: int) -> dict[str, Any]:
     started = time.perf_counter()
     arguments = arguments_record(model_args, data_args, args)
     record: dict[str, Any] = {
-        "recipe": exp.name or name,
-        **({"trains_recipe": name} if exp.name else {}),  # a renamed repeat (--name): which recipe it trained
+        "recipe": run_name(name, exp),
+        **({"trains_recipe": name} if run_name(name, exp) != name else {}),  # a renamed repeat: which recipe it trained
         "overrides": read_recipe(RECIPES_DIR / f"{name}.json"),
         "arguments": {k: v for k, v in arguments.items() if k not in ("data_dir", "output_dir", "overwrite_output_dir", "resume", "recipe")},
         "seed": seed,

@@ -108,12 +108,13 @@ def test_every_recipe_is_a_valid_training_command():
             (owner,) = [a for a in arguments if hasattr(a, key)]
             assert getattr(owner, key) == value, (name, key)
         assert arguments[2].num_train_epochs == read_recipe(name).get("num_train_epochs", defaults[2].num_train_epochs)
-        assert arguments[2].output_dir.endswith(f"{name}-seed42")
+        assert arguments[2].output_dir.endswith(f"{name}-seed42") and experiment_runs.run_name(name, exp) == name
     flagged = experiments.ExperimentArguments(recipes=["baseline"], train_flags="--dataloader_num_workers 7 --torch_compile")
     _, _, args = experiment_runs.recipe_arguments("baseline", flagged, 42)
     assert args.dataloader_num_workers == 7 and args.torch_compile  # extra Trainer flags reach every run
     rerun = experiments.ExperimentArguments(recipes=["baseline"], name="baseline_rerun", cv=5)
     assert experiment_runs.recipe_arguments("baseline", rerun, 43)[2].output_dir.endswith("baseline_rerun-cv5-seed43")
+    assert experiment_runs.run_name("baseline", rerun) == "baseline_rerun"
     with pytest.raises(ValueError, match="--name baseline_rerun names the runs of one recipe, but --recipes has 2"):
         experiments.ExperimentArguments(recipes=["baseline", "lite1"], name="baseline_rerun")
     with pytest.raises(ValueError, match="--name baseline is another recipe's name.*lite1_rerun"):

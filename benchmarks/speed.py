@@ -13,7 +13,8 @@ Prints, and writes to benchmarks/results/speed/<time>.json:
 - the app: p50 of one request as the app serves it (decode + prediction + heat map + X-ray
   check + the output picture) vs a bare ONNX forward of the classifier (target <= 2.5x), and
   the first request of a freshly started app vs the median request (target <= 2x).
-Ratios are what to compare across machines; absolute numbers depend on the CPU and load.
+Ratios are what to compare across machines; absolute numbers depend on the CPU and load. For an ensemble
+checkpoint (``python -m bonebreak.add_member``) every "bare forward" is the forward passes of all its members.
 """
 
 from __future__ import annotations
@@ -139,24 +140,40 @@ def training_section(data_dir: str, warmup: int, steps: int) -> dict:
 # --- inference ---------------------------------------------------------------------------
 
 
+def preloaded(predictor: Predictor, files: list[str]) -> list[list[torch.Tensor]]:
+    """Each image preprocessed in advance for the predictor and each ensemble partner (each has its own size)."""
+    members = [predictor, *predictor.partners]
+    return [[member._batch([member.load(f)]) for member in members] for f in files]
+
+
+def bare_forward(predictor: Predictor):
+    """The bare baseline: the forward pass of every model the predictor serves (one, or an ensemble's
+    members), on tensors preprocessed in advance, on the predictor's backend."""
+    members = [predictor, *predictor.partners]
+
+    def forward(inputs: list[torch.Tensor]) -> None:
+        with torch.inference_mode():
+            for member, x in zip(members, inputs):
+                member.onnx(x) if member.onnx is not None else member.model(pixel_values=x)
+    return forward
+
+
 def inference_section(model_path: str, files: list[str], rounds: int = 5) -> dict:
     if not (Path(model_path) / ONNX_FILE).is_file():
         export_onnx(model_path)
     eager = Predictor.from_checkpoint(model_path, device="cpu", backend="torch")
     onnx = Predictor.from_checkpoint(model_path, device="cpu", backend="onnx")
-    pixels = [eager._batch([eager.load(f)]) for f in files]
+    pixels = preloaded(eager, files)
     xray_check, eager.ood, onnx.ood = eager.ood, None, None  # predict() itself; the X-ray check is timed on its own below
-    with_xray = Predictor(onnx.model, onnx.preprocess, device="cpu", temperature=onnx.temperature, ood=xray_check, onnx=onnx.onnx)
-
-    def bare_torch(x: torch.Tensor) -> None:
-        with torch.inference_mode():
-            eager.model(pixel_values=x)
+    with_xray = Predictor(onnx.model, onnx.preprocess, device="cpu", temperature=onnx.temperature, ood=xray_check, onnx=onnx.onnx,
+                          partners=onnx.partners)
+    bare_torch, bare_onnx = bare_forward(eager), bare_forward(onnx)
 
     timings: dict[str, list[float]] = {}
     per_round: list[dict[str, float]] = []
     for _ in range(rounds):  # interleaved rounds, so a change in machine load hits every path alike
         medians = {}
-        for name, fn, inputs in [("bare_forward_torch", bare_torch, pixels), ("bare_forward_onnx", onnx.onnx, pixels),
+        for name, fn, inputs in [("bare_forward_torch", bare_torch, pixels), ("bare_forward_onnx", bare_onnx, pixels),
                                  ("predict_torch", eager.predict, files), ("predict_onnx", onnx.predict, files),
                                  ("predict_onnx_with_xray_check", with_xray.predict, files)]:
             seconds = time_calls(fn, inputs)
@@ -170,6 +187,7 @@ def inference_section(model_path: str, files: list[str], rounds: int = 5) -> dic
         return {"median": round(float(np.median(values)), 2), "min": round(min(values), 2), "max": round(max(values), 2)}
     return {
         "images": len(files),
+        "models": 1 + len(eager.partners),
         "threads": torch.get_num_threads(),
         "rounds": rounds,
         "latency": {name: percentiles_ms(s) for name, s in timings.items()},
@@ -211,12 +229,13 @@ def app_section(model_path: str, files: list[str], rounds: int = 3) -> dict:
         started = time.perf_counter()
         classify(files[0], True)
         first = time.perf_counter() - started
-        pixels = [predictor._batch([predictor.load(f)]) for f in files]
+        pixels = preloaded(predictor, files)
+        bare_onnx = bare_forward(predictor)
         timings: dict[str, list[float]] = {}
         per_round = []
         for _ in range(rounds):  # interleaved, so a change in machine load hits both alike
             medians = {}
-            for name, fn, inputs in [("bare_forward_onnx", predictor.onnx, pixels),
+            for name, fn, inputs in [("bare_forward_onnx", bare_onnx, pixels),
                                      ("app_request", lambda f: classify(f, True), files)]:
                 seconds = time_calls(fn, inputs)
                 timings.setdefault(name, []).extend(seconds)
@@ -228,6 +247,7 @@ def app_section(model_path: str, files: list[str], rounds: int = 3) -> dict:
     median_request = float(np.median(timings["app_request"]))
     return {
         "images": len(files),
+        "models": 1 + len(predictor.partners),
         "rounds": rounds,
         "startup_s": round(startup, 2),
         "torch_threads_while_serving": 1 if predictor.backend == "onnx" else threads,

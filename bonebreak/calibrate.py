@@ -23,7 +23,7 @@ from .onnx_backend import ONNX_FILE, export_onnx
 
 @dataclass
 class CalibrateArguments:
-    model_path: str = field(default=SHIPPED_MODEL, metadata={"help": "Checkpoint folder to calibrate in place."})
+    model_path: str = field(default=SHIPPED_MODEL, metadata={"help": "Checkpoint folder to calibrate in place (its own model; ensemble members keep the temperature they were trained with)."})
     data_dir: str | None = field(default=None, metadata={"help": "Dataset folder (default: $BONEBREAK_DATA, else data/bone-break)."})
 
 

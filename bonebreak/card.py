@@ -107,6 +107,27 @@ def _training_edits(edits: dict[str, Any]) -> str:
     return "\n".join(lines) + ("\n" if lines else "")
 
 
+def _section_ensemble(ensemble: dict[str, Any] | None, model: str) -> str:
+    """What an ensemble checkpoint serves, and which figures below are of this folder's own model only."""
+    if not ensemble:
+        return ""
+    lines = [
+        f"**An ensemble.** The BoneBreak app, `python -m bonebreak.predict` and `python -m bonebreak.evaluate` serve the "
+        f"{ensemble['combine']}: this folder's own `{model}` and the partner model(s) below (listed in `ensemble.json`). "
+        "The results table is of the ensemble. The cross-validation, calibration and training figures, the heat map and "
+        f"the X-ray check are this folder's own `{model}`'s. `pipeline()` and `AutoModelForImageClassification` load "
+        f"`{model}` alone.",
+        "",
+    ]
+    for member in ensemble["members"]:
+        own = member.get("clean_test") or member.get("test")
+        scores = (f"; alone on {'clean Test' if member.get('clean_test') else 'Test'}: accuracy {own['accuracy']:.3f}, macro-F1 {own['macro_f1']:.3f}, "
+                  f"top-3 {own['top3_accuracy']:.3f}" if own else "")
+        lines.append(f"- `{member['path']}/`: `{member['model']}`, trained with mixed precision: {member.get('mixed_precision', '?')}, "
+                     f"in {member.get('train_seconds', 0) / 60:.1f} minutes{scores}; its own card is `{member['path']}/README.md`.")
+    return "\n".join(lines) + "\n"
+
+
 def base_model(name: str) -> str | None:
     """A Hub id for the card's metadata, or None for a local folder."""
     if name.startswith("efficientnet_lite"):
@@ -130,7 +151,7 @@ def render(summary: dict[str, Any], reports: dict[str, dict[str, Any]]) -> str:
         "tags": ["medical-imaging", "x-ray", "fracture", "research-demo"],
         "base_model": base_model(str(summary["model"])),
         "metrics": ["accuracy", "f1"],
-        "model-index": _model_index("bonebreak-" + Path(str(summary["model"])).name, reports),
+        "model-index": _model_index("bonebreak-" + Path(str(summary["model"])).name + ("-ensemble" if summary.get("ensemble") else ""), reports),
     }
     if metadata["base_model"] is None:
         del metadata["base_model"]
@@ -149,9 +170,10 @@ Classifies a bone X-ray into one of {len(labels)} fracture types: {", ".join(lab
 Base model: `{summary["model"]}`; fine-tuned with the BoneBreak training script
 (`python train.py`), best epoch chosen by validation macro-F1.
 
+{_section_ensemble(summary.get("ensemble"), str(summary["model"]))}
 ## Results (measured)
 
-{comparison_table(reports, summary.get("cv"))}
+{comparison_table(reports, None if summary.get("ensemble") else summary.get("cv"))}
 
 Intervals are 95% percentile-bootstrap intervals over the evaluated images. {LEAKAGE + chr(10) + _leak_count(counts) if known else UNAUDITED}
 
@@ -175,7 +197,7 @@ Intervals are 95% percentile-bootstrap intervals over the evaluated images. {LEA
 - `model.onnx`: the same network for ONNX Runtime (dynamic batch), checked against PyTorch to within
   1e-4 in every probability and stamped with the SHA-256 of the weights it came from. The BoneBreak app
   and `python -m bonebreak.predict` run it on CPU by default (`--backend auto`); re-create it with
-  `python -m bonebreak.export --model_path <this folder>`.
+  `python -m bonebreak.export --model_path <this folder>`{" (and each member's)" if summary.get("ensemble") else ""}.
 - How the recipe was chosen, and what the other ideas measured: `docs/experiments.md` in the BoneBreak repository.
 
 ## Intended use and limitations

@@ -12,6 +12,7 @@ import sys
 from dataclasses import dataclass, field
 
 from .cli import parse
+from .ensembles import ensemble_members
 from .models import SHIPPED_MODEL, ModelLoadError
 from .onnx_backend import DEFAULT_OPSET, DEFAULT_TOLERANCE, ONNX_FILE, export_onnx
 
@@ -19,7 +20,8 @@ from .onnx_backend import DEFAULT_OPSET, DEFAULT_TOLERANCE, ONNX_FILE, export_on
 @dataclass
 class ExportArguments:
     model_path: str = field(default=SHIPPED_MODEL, metadata={"help": "Checkpoint folder to export."})
-    output: str | None = field(default=None, metadata={"help": f"Where to write (default: MODEL_PATH/{ONNX_FILE}, which the app and CLI pick up)."})
+    output: str | None = field(default=None, metadata={"help": f"Where to write (default: MODEL_PATH/{ONNX_FILE}, which the app and CLI pick up, "
+                                                                "and the same file in each ensemble member's folder)."})
     opset: int = field(default=DEFAULT_OPSET, metadata={"help": "ONNX opset version."})
     tolerance: float = field(default=DEFAULT_TOLERANCE, metadata={"help": "Fail when a probability differs from PyTorch by more than this."})
 
@@ -34,6 +36,9 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse(ExportArguments, argv)
     report = export_onnx(args.model_path, args.output, args.opset, args.tolerance)
+    if args.output is None:  # an ensemble serves each member's own model.onnx
+        members = {member.name: export_onnx(member, None, args.opset, args.tolerance) for member in ensemble_members(args.model_path)}
+        report = {**report, **({"members": members} if members else {})}
     print(json.dumps(report, indent=2))
     return report
 

@@ -11,7 +11,6 @@ preprocessing is the same Python code either way. Every method accepts an image 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -23,8 +22,9 @@ import torch
 from PIL import Image
 
 from .calibration import TEMPERATURE_KEY
-from .heatmaps import class_activation_map, upsample
+from .heatmaps import class_activation_map, grad_cam, upsample
 from .images import DEFAULT_LIMITS, DecodeLimits, ImageSource, load_image
+from .ensembles import ensemble_members
 from .models import load_checkpoint
 from .onnx_backend import LogitsAndFeatures, linear_cam_head, select_onnx
 from .ood import ImageEmbedder, OODDetector
@@ -103,6 +103,7 @@ class Predictor:
         ood: OODDetector | None = None,
         tta: bool = False,
         onnx: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        partners: Sequence["Predictor"] = (),
     ) -> None:
         if not 0.0 <= unsure_below <= 1.0:
             raise ValueError(f"unsure threshold must be between 0 and 1, got {unsure_below}")
@@ -118,6 +119,11 @@ class Predictor:
         self.tta = tta  # average the logits of the image and its mirror image
         self.onnx = onnx  # pixels -> logits (and the feature map) on ONNX Runtime
         self.backend = "onnx" if onnx is not None else "torch"
+        # An ensemble checkpoint's members/: each classifies the same decoded image with its own preprocessing; the
+        # prediction is the mean of all calibrated probabilities. The heat map and the X-ray check stay this model's.
+        self.partners = list(partners)
+        if any(partner.labels != self.labels for partner in self.partners):
+            raise ValueError(f"ensemble members must share one label list: {[p.labels for p in self.partners]} vs {self.labels}")
         # A pooled linear head makes the heat map a by-product of the forward pass (CAM): its class
         # weights are read once here; other heads (ViT tokens, ...) get Grad-CAM, forward + backward.
         head = linear_cam_head(self.model)
@@ -150,16 +156,19 @@ class Predictor:
     def from_checkpoint(
         cls, path: str | os.PathLike, device: str | None = None, calibrated: bool = True, backend: str = "torch", **kwargs
     ) -> "Predictor":
-        """Load a checkpoint with its fitted temperature and X-ray check (unless ``calibrated=False``).
+        """Load a checkpoint with its fitted temperature, X-ray check and ensemble partners (unless ``calibrated=False``).
 
         ``backend``: "torch", "onnx" (the checkpoint's exported ``model.onnx``; an error names the
         export command when it is missing or stale) or "auto" (ONNX on CPU when usable, else torch).
+        ``calibrated=False`` gives this folder's own model alone, uncalibrated: what fitting a temperature needs.
         """
         check_backend(backend)
         model, processor = load_checkpoint(path)
         if calibrated:
             kwargs.setdefault("temperature", float(getattr(model.config, TEMPERATURE_KEY, None) or 1.0))
             kwargs.setdefault("ood", OODDetector.load(path))
+            kwargs.setdefault("partners", [cls.from_checkpoint(member, device=device, backend=backend, ood=None, tta=kwargs.get("tta", False))
+                                           for member in ensemble_members(path)])
         preprocess = preprocess_config_from_processor(processor, model.config)
         predictor = cls(model, preprocess, device=device, onnx=select_onnx(path, backend, pick_device(device).type == "cpu"), **kwargs)
         logger.info("%s: %s", path, predictor.backend_description)
@@ -168,9 +177,8 @@ class Predictor:
     @property
     def backend_description(self) -> str:
         """Which engine runs the forward pass, for logs: users should know what they are timing."""
-        if self.onnx is not None:
-            return "inference backend ONNX Runtime (model.onnx, CPU)"
-        return f"inference backend PyTorch ({self.device})"
+        engine = "ONNX Runtime (model.onnx, CPU)" if self.onnx is not None else f"PyTorch ({self.device})"
+        return f"inference backend {engine}" + "".join(f"; ensemble partner: {p.backend_description}" for p in self.partners)
 
     def load(self, source: ImageSource) -> Image.Image:
         """Decode with ``load_image``; an image this Predictor decoded before is handed back as it is."""
@@ -202,7 +210,7 @@ class Predictor:
 
     @torch.inference_mode()
     def logits(self, images: Sequence[ImageSource], batch_size: int = 16) -> np.ndarray:
-        """Raw logits (n_images, n_labels) for images or paths, decoded in batches."""
+        """Raw logits (n_images, n_labels) of this model alone (no partners), for images or paths, decoded in batches."""
         chunks = [self._logits_of(self._batch([self.load(image) for image in images[start : start + batch_size]])).cpu().numpy()
                   for start in range(0, len(images), batch_size)]
         return np.concatenate(chunks) if chunks else np.zeros((0, len(self.labels)))
@@ -213,11 +221,24 @@ class Predictor:
         return (logits + self.forward(pixels.flip(-1))) / 2 if self.tta else logits
 
     def probabilities(self, images: Sequence[ImageSource], batch_size: int = 16) -> np.ndarray:
-        """Calibrated softmax probabilities (n_images, n_labels)."""
-        return self._softmax(self.logits(images, batch_size))
+        """Calibrated softmax probabilities (n_images, n_labels), averaged with the partners' when there are any."""
+        chunks = [self._decoded_probabilities([self.load(image) for image in images[start : start + batch_size]])
+                  for start in range(0, len(images), batch_size)]
+        return np.concatenate(chunks) if chunks else np.zeros((0, len(self.labels)))
 
     def _softmax(self, logits: np.ndarray) -> np.ndarray:
         return torch.softmax(torch.as_tensor(logits, dtype=torch.float32) / self.temperature, dim=-1).numpy()
+
+    @torch.inference_mode()  # analyse() may call it for the partners after its own backward pass
+    def _decoded_probabilities(self, decoded: Sequence[Image.Image]) -> np.ndarray:
+        return self._with_partners(self._softmax(self._logits_of(self._batch(decoded)).cpu().numpy()), decoded)
+
+    def _with_partners(self, probs: np.ndarray, decoded: Sequence[Image.Image]) -> np.ndarray:
+        """This model's calibrated probabilities of decoded images, averaged with each partner's of the same
+        images (which each partner preprocesses its own way, without decoding them again)."""
+        if not self.partners:
+            return probs
+        return np.mean([probs] + [partner._decoded_probabilities(decoded) for partner in self.partners], axis=0)
 
     def ood_scores(self, images: Sequence[ImageSource]) -> np.ndarray | None:
         """Distance of each image to the training X-rays (None without a fitted X-ray check)."""
@@ -239,7 +260,7 @@ class Predictor:
         for start in range(0, len(images), batch_size):
             decoded = [self.load(image) for image in images[start : start + batch_size]]
             pixels = self._batch(decoded)
-            probs = self._softmax(self._logits_of(pixels).cpu().numpy())
+            probs = self._with_partners(self._softmax(self._logits_of(pixels).cpu().numpy()), decoded)
             scores = self._xray_scores(decoded, pixels)
             results += [self.to_prediction(p, None if scores is None else scores[i]) for i, p in enumerate(probs)]
         return results
@@ -281,15 +302,15 @@ class Predictor:
             if self.tta:
                 logits = (logits + self.forward(pixels.flip(-1))) / 2
             scores = pending.result() if pending else self._xray_scores([image], pixels)
-        probs = self._softmax(logits.detach().cpu().numpy())[0]
+        probs = self._with_partners(self._softmax(logits.detach().cpu().numpy()), [image])[0]
         prediction = self.to_prediction(probs, None if scores is None else scores[0])
         if heatmap:
-            target = self.labels.index(label) if label else int(probs.argmax()) if target is None else target
+            wanted = self.labels.index(label) if label else int(probs.argmax())
             if self.cam_weights is not None:
-                cam = class_activation_map(features[0].cpu().numpy(), self.cam_weights[target])
-            elif cam is None:  # ONNX backend, other head: Grad-CAM on the PyTorch model
-                *_, target, cam = self._grad_cam(pixels, self.labels[target])
-            cam = upsample(cam, pixels.shape[-2:])
+                cam = class_activation_map(features[0].cpu().numpy(), self.cam_weights[wanted])
+            elif cam is None or target != wanted:  # ONNX backend, other head; or partners/mirror chose another class
+                cam = self._grad_cam(pixels, self.labels[wanted])[3]
+            target, cam = wanted, upsample(cam, pixels.shape[-2:])
         return Analysis(prediction, self.view(pixels[0]), cam, None if cam is None else self.labels[target])
 
     def grad_cam(self, source: ImageSource, label: str | None = None) -> tuple[Image.Image, np.ndarray]:
@@ -302,30 +323,8 @@ class Predictor:
         return self.view(pixels[0]), upsample(cam, pixels.shape[-2:])
 
     def _grad_cam(self, pixels: torch.Tensor, label: str | None) -> tuple[torch.Tensor, torch.Tensor, int, np.ndarray]:
-        """(logits, features, target class, unnormalised Grad-CAM at feature resolution).
-
-        timm-backed models: the feature map that feeds the head; transformers models: the last
-        hidden state, whose tokens are laid back on their square patch grid (leading class/register
-        tokens dropped).
-        """
-        with torch.enable_grad():
-            timm_model = getattr(self.model, "timm_model", None)
-            if timm_model is not None:
-                features = timm_model.forward_features(pixels)
-                logits = timm_model.forward_head(features)
-            else:
-                outputs = self.model(pixel_values=pixels, output_hidden_states=True)
-                logits, features = outputs.logits, outputs.hidden_states[-1]
-            target = self.labels.index(label) if label else int(logits[0].argmax())
-            (gradients,) = torch.autograd.grad(logits[0, target], features)
-        maps, gradients = features.detach()[0].float(), gradients[0].float()
-        if maps.ndim == 2:  # tokens: (T, C) -> (C, g, g)
-            grid = int(math.isqrt(maps.shape[0]))
-            maps = maps[-grid * grid :].T.reshape(-1, grid, grid)
-            gradients = gradients[-grid * grid :].T.reshape(-1, grid, grid)
-        weights = gradients.mean(dim=(1, 2), keepdim=True)
-        cam = torch.relu((weights * maps).sum(dim=0))
-        return logits.detach().float(), features.detach(), target, cam.cpu().numpy()
+        """(logits, features, target class, unnormalised Grad-CAM at feature resolution): ``heatmaps.grad_cam``."""
+        return grad_cam(self.model, pixels, self.labels.index(label) if label else None)
 
     def view(self, pixels: torch.Tensor) -> Image.Image:
         """The preprocessed (3, H, W) tensor as the picture the model saw."""

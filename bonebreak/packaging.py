@@ -16,14 +16,15 @@ from typing import Any
 
 from .calibration import calibrate_predictor, fold_temperature
 from .card import render
-from .data import LoadedData, image_paths
+from .data import LoadedData, image_paths, load_splits, resolve_data_dir
 from .evaluation import comparison_table, evaluate_splits, record_results
 from .inference import Predictor
+from .ensembles import ensemble_members
 from .models import save_checkpoint
 from .ood import OOD_FILE, OODDetector
 from .onnx_backend import export_onnx
 from .plots import plot_training_curves
-from .splits import Split
+from .splits import EVALUATION_SPLITS, Split
 from .transforms import preprocess_config_from_processor
 
 logger = logging.getLogger(__name__)
@@ -76,6 +77,49 @@ def package_model(
         except Exception as error:  # the PyTorch checkpoint is complete and usable without it
             logger.warning("ONNX export failed, the app and CLI will run on PyTorch: %s", error)
     return saved, reports
+
+
+def evaluate_checkpoint(folder: Path, summary: dict[str, Any], data_dir: str | None) -> tuple[dict[str, dict[str, Any]], dict[str, Any] | None]:
+    """Evaluate a saved checkpoint (with its ensemble partners) on the splits it was trained with, into its eval_<split>/ folders."""
+    arguments = summary["arguments"]
+    data = load_splits(resolve_data_dir(data_dir), val_fraction=arguments["val_fraction"], seed=arguments["seed"],
+                       split_manifest=arguments.get("split_manifest", "none"))
+    names = [str(name) for name in EVALUATION_SPLITS if name in data.splits]
+    return evaluate_splits(Predictor.from_checkpoint(folder), data.splits, data.labels, names, lambda name: folder / f"eval_{name}")
+
+
+def ensemble_summary(folder: Path) -> dict[str, Any] | None:
+    """What the card says of a checkpoint's partner models: each one's recipe and its own scores (None: a single model)."""
+    members = []
+    for member in ensemble_members(folder):
+        own = json.loads((member / "metrics.json").read_text()) if (member / "metrics.json").is_file() else {}
+        members.append({"path": member.relative_to(folder).as_posix(), "model": own.get("model", member.name),
+                        **{key: own[key] for key in ("arguments", "mixed_precision", "train_seconds", "validation", "clean_test", "test") if key in own}})
+    return {"combine": "mean of the members' calibrated probabilities", "members": members} if members else None
+
+
+def refresh_card(folder: str | Path, data_dir: str | None = None, reuse_reports: bool = False, cv_report: str | None = None) -> Path:
+    """Re-evaluate a saved checkpoint (or reuse its eval_*/ reports) and rewrite its metrics.json and model card."""
+    folder = Path(folder)
+    summary = json.loads((folder / "metrics.json").read_text())
+    if reuse_reports:
+        reports = {str(name): json.loads((folder / f"eval_{name}" / "metrics.json").read_text())
+                   for name in EVALUATION_SPLITS if (folder / f"eval_{name}" / "metrics.json").is_file()}
+        ood = None  # keep the recorded X-ray check
+    else:
+        reports, ood = evaluate_checkpoint(folder, summary, data_dir)
+    record_results(summary, reports, ood)
+    if (folder / "calibration.json").is_file():
+        summary["calibration"] = json.loads((folder / "calibration.json").read_text())
+    if cv_report:
+        summary["cv"] = json.loads(Path(cv_report).read_text())
+    summary.pop("ensemble", None)
+    if (ensemble := ensemble_summary(folder)) is not None:
+        summary["ensemble"] = ensemble
+    (folder / "metrics.json").write_text(json.dumps(summary, indent=2))
+    card = folder / "README.md"
+    card.write_text(render(summary, reports))
+    return card
 
 
 def final_message(saved: Path, reports: dict[str, dict], train_seconds: float) -> str:

@@ -163,6 +163,13 @@ def example_files(folder: Path = EXAMPLES_DIR) -> list[str]:
     return [str(p) for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
 
 
+def heatmap_label(predictor: Predictor) -> str:
+    """The heat map is one model's: an ensemble says whose."""
+    if predictor.partners:
+        return f"Show Grad-CAM heat map (where the first of the {1 + len(predictor.partners)} ensemble models looked)"
+    return "Show Grad-CAM heat map (where the model looked)"
+
+
 def build_demo(predictor: Predictor, examples: list[str] | None = None) -> gr.Blocks:
     classify = Classifier(predictor)
     examples = example_files() if examples is None else examples
@@ -179,7 +186,7 @@ def build_demo(predictor: Predictor, examples: list[str] | None = None) -> gr.Bl
                     elem_id="upload",
                 )
                 pasted = gr.Image(label="...or paste an image from the clipboard", sources=["clipboard"], type="filepath", height=160)
-                show_heatmap = gr.Checkbox(value=True, label="Show Grad-CAM heat map (where the model looked)")
+                show_heatmap = gr.Checkbox(value=True, label=heatmap_label(predictor))
                 button = gr.Button("Classify", variant="primary")
                 if examples:
                     gr.Examples(examples=[[e] for e in examples], inputs=[upload], label="Example X-rays (CC BY 4.0, see examples/ATTRIBUTION.md)")

@@ -15,7 +15,7 @@ from conftest import REPO
 
 PACKAGE = REPO / "bonebreak"
 MAX_LINES = 350
-FRONT_DOORS = {"audit", "calibrate", "check_data", "evaluate", "experiments", "export", "label_issues", "model_card", "predict"}
+FRONT_DOORS = {"add_member", "audit", "calibrate", "check_data", "evaluate", "experiments", "export", "label_issues", "model_card", "predict"}
 
 
 def modules() -> dict[str, Path]:

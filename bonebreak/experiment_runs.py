@@ -179,6 +179,15 @@ def cv_member_folds(member: str | os.PathLike) -> tuple[int, int, list[FoldTable
     return record["seed"], len(sizes), [(paths[a:b], given[a:b], probs[a:b], labels) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
+def member_precision(member: str | os.PathLike) -> str | None:
+    """The training precision (bf16, fp16, fp32) of a CV run, from its folder or its record (None: not recorded)."""
+    member = Path(member)
+    if member.is_dir():
+        mixed = json.loads((member / "fold0" / "metrics.json").read_text()).get("mixed_precision")
+        return "fp32" if mixed == "no" else mixed
+    return json.loads(member.read_text()).get("machine", {}).get("precision")
+
+
 def cv_ensemble_folds(members: list[str]) -> tuple[int, int, list[dict[str, Any]]]:
     """Seed, fold count and per-fold scores of the mean of several CV runs' held-out probabilities."""
     runs = [cv_member_folds(member) for member in members]
@@ -217,10 +226,12 @@ def run_cv_ensemble(exp: Any) -> dict[str, Any]:
         ensemble = Ensemble([str(Path(folder) / "fold0") for folder in exp.ensemble])
         sample = read_probabilities(Path(exp.ensemble[0]) / "fold0" / "eval_validation" / PROBABILITIES_FILE)[0][:20]
         latency = {"ensemble": latency_ms(ensemble, sample), "one_member": latency_ms(ensemble.members[0], sample)}
+    precisions = {member_precision(member) for member in exp.ensemble}  # pairs only with a baseline trained alike
     return {
         "recipe": exp.name or "ensemble", "kind": f"cv{folds}", "members": exp.ensemble, "seed": seed,
         "commit": git_commit(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "note": exp.note,
-        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(), "gpu": None},
+        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(), "gpu": None,
+                    "precision": precisions.pop() if len(precisions) == 1 else "mixed"},
         "cv": {**fold_spread(per_fold), "per_fold": per_fold},
         "latency_ms_per_image": latency,
         "wall_seconds": round(time.perf_counter() - started, 1),

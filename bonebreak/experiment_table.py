@@ -13,7 +13,7 @@ from typing import Any
 
 from .metrics import TOP_K
 from .plots import plot_paired_gains
-from .protocol import paired_gain
+from .protocol import paired_gain, precision
 
 ADOPT_MARGIN = 0.05  # validation macro-F1 a recipe must gain over the baseline to replace it (the earlier protocol)
 METRICS = ("accuracy", "macro_f1", f"top{TOP_K}_accuracy")
@@ -47,7 +47,7 @@ One validation split of 147 images cannot tell a real +0.03 macro-F1 from noise 
    seed's pairs alone put above zero). Only then is it trained on the full Train folder to be shipped.
    Passing is necessary, not sufficient: an ensemble also multiplies the inference cost, and a row built
    from the label files carries the optimism described below, so the README weighs those against the
-   clean-Test check of their fold models before anything is shipped.
+   clean-Test check of their fold models, or of the models trained to ship, before anything is shipped.
 
 Label errors (`python -m bonebreak.label_issues --cv_dir <the baseline's CV folder>`): cleanlab's confident
 learning on the baseline CV's out-of-fold probabilities (every Train image scored by a fold model that saw
@@ -70,10 +70,16 @@ the older records lack the file, and their work folders are gone). And `--ensemb
 fold4` scores a CV run's five fold models on clean Test, each and averaged (the ensembles table): a check on
 images and labels that no label file touched, and so free of the optimism above.
 
-A rerun of a recipe and seed supersedes its older record in the paired table. To repeat the baseline without
-moving the reference every recipe was judged against, record the repeat under its own name
-(`--recipes baseline --name baseline_rerun`): it gets its own row, the same recipe on the same folds, so its
-"gain" is training noise alone (a repeat need not reproduce a run bit for bit: the seed-43 CPU repeat did not).
+A rerun of a recipe, seed and precision supersedes its older record in the paired table. To repeat the baseline
+without moving the reference every recipe was judged against, record the repeat under its own name
+(`--recipes baseline --name baseline_rerun`): it gets its own row, the same recipe on the same folds.
+
+Precision is part of the pairing. `--precision auto` (the default) trains in bf16 on a CPU with native bf16
+(AVX512-BF16 or AMX) and in fp32 on one without, and the machines these runs land on differ: the CPU records of
+lite1 seed 43 and of a second baseline seed 43 were trained in fp32 while the first seed-43 baseline was bf16.
+That baseline pair (same recipe, seed and folds, fp32 minus bf16) differed by -0.011 [-0.030, +0.009] macro-F1,
+up to 0.033 on one fold, as much as most gains here. So a pair is formed only between runs trained in the same
+precision (the precision is in each row of the tables): an fp32 seed pairs with that seed's fp32 baseline.
 """
 
 
@@ -141,7 +147,7 @@ def render_table(records: list[dict[str, Any]], table_path: str | os.PathLike = 
         for r in sorted(cv_runs, key=lambda r: (r.get("note") or "", r["recipe"], r["seed"], r.get("started", ""))):
             mean, std = r["cv"]["mean"], r["cv"]["std"]
             cells = " | ".join(f"{mean[m]:.3f} +- {std[m]:.3f}" for m in METRICS)
-            where = r["machine"].get("gpu") or f"{r['machine']['cpus']}-core CPU"
+            where = f"{r['machine'].get('gpu') or str(r['machine']['cpus']) + '-core CPU'}, {precision(r)}"
             note = f" ({r['note']})" if r.get("note") else ""
             lines.append(f"| {r['recipe']} | {r['kind'][2:]} | {r['seed']} | {cells} | {r['wall_seconds'] / 60:.0f} | {where}{note} | {r['commit']} |")
         lines += paired_table(cv_runs, protocol_figure_path(table_path).name)
@@ -149,15 +155,16 @@ def render_table(records: list[dict[str, Any]], table_path: str | os.PathLike = 
 
 
 def latest_per_seed(cv_runs: list[dict[str, Any]]) -> dict[tuple[str, str | None, str], list[dict[str, Any]]]:
-    """(CV kind, note, recipe) -> the newest record of each seed. Runs are compared only within one kind and note
-    (a note marks runs on other data or hardware, e.g. the GPU sweeps on a resized copy), and a rerun of a recipe
-    and seed supersedes the older record, which stays in benchmarks/results/ (a repeat recorded with ``--name``
-    is another recipe here, so it supersedes nothing)."""
-    newest: dict[tuple[str, str | None, str, int], dict[str, Any]] = {}
+    """(CV kind, note, recipe) -> the newest record of each seed and precision. Runs are compared only within one
+    kind and note (a note marks runs on other data or hardware, e.g. the GPU sweeps on a resized copy), and pairs
+    only within one precision (``protocol``); a rerun of a recipe, seed and precision supersedes the older record,
+    which stays in benchmarks/results/ (a repeat recorded with ``--name`` is another recipe here, so it supersedes
+    nothing)."""
+    newest: dict[tuple[str, str | None, str, int, str], dict[str, Any]] = {}
     for r in sorted(cv_runs, key=lambda r: r.get("started", "")):
-        newest[(r["kind"], r.get("note"), r["recipe"], r["seed"])] = r
+        newest[(r["kind"], r.get("note"), r["recipe"], r["seed"], precision(r))] = r
     grouped: dict[tuple[str, str | None, str], list[dict[str, Any]]] = {}
-    for (kind, note, recipe, _), r in sorted(newest.items(), key=lambda item: str(item[0])):
+    for (kind, note, recipe, _, _), r in sorted(newest.items(), key=lambda item: str(item[0])):
         grouped.setdefault((kind, note, recipe), []).append(r)
     return grouped
 
@@ -186,8 +193,9 @@ def paired_table(cv_runs: list[dict[str, Any]], figure: str | None = None) -> li
              "Gain = recipe minus baseline on each (seed, fold), averaged; brackets are the 95% Student-t interval over those "
              "pairs (percentile bootstrap after it). Adopt only when the whole t interval of the macro-F1 gain is above zero, "
              "over at least two seeds (fewer: not decided).",
-             "Pairs use the newest record of each recipe and seed, and only records with the same note (the note column: runs on "
-             "other data or hardware are never paired with these).", "",
+             "Pairs use the newest record of each recipe, seed and precision, and only records with the same note (the note column: "
+             "runs on other data or hardware are never paired with these) and the same training precision (seeds column: a seed "
+             "trained in fp32 pairs with that seed's fp32 baseline).", "",
              "| recipe | CV | note | seeds | pairs | macro-F1 (recipe / baseline) | macro-F1 gain [t 95%] (bootstrap) | accuracy gain [t 95%] | "
              "top-3 gain [t 95%] | passes the rule |", "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
@@ -195,12 +203,17 @@ def paired_table(cv_runs: list[dict[str, Any]], figure: str | None = None) -> li
         f1 = gains["macro_f1"]
         cell = {m: f"{g['gain']:+.3f} [{g['t_interval'][0]:+.3f}, {g['t_interval'][1]:+.3f}]" for m, g in gains.items()}
         boot = f1["bootstrap_interval"]
-        lines.append(f"| {row['recipe']} | {row['kind'][2:]}-fold | {row['note'] or '-'} | {', '.join(map(str, f1['seeds']))} | {f1['pairs']} | "
+        lines.append(f"| {row['recipe']} | {row['kind'][2:]}-fold | {row['note'] or '-'} | {_seeds(f1)} | {f1['pairs']} | "
                      f"{f1['candidate_mean']:.3f} / {f1['baseline_mean']:.3f} | {cell['macro_f1']} ({boot[0]:+.3f}, {boot[1]:+.3f}) | "
                      f"{cell['accuracy']} | {cell[f'top{TOP_K}_accuracy']} | {f1['verdict']} |")
     if figure:
         lines += ["", f"![Paired macro-F1 gain of each recipe over the baseline: every (seed, fold) pair and the 95% t interval]({figure})"]
     return lines
+
+
+def _seeds(gain: dict[str, Any]) -> str:
+    """"42 (bf16), 43 (fp32)": each seed with the precision its pairs were trained in."""
+    return ", ".join(f"{seed} ({'/'.join(gain['precisions'][seed])})" for seed in gain["seeds"])
 
 
 def protocol_figure_path(table_path: str | os.PathLike) -> Path:

@@ -7,7 +7,10 @@ the comparison is paired: the gain is recipe minus baseline on the same (seed, f
 interval is a Student-t interval over those paired differences (with a percentile bootstrap beside it).
 A recipe is adopted only when the whole interval lies above zero, over at least MIN_SEEDS seeds: one seed's
 folds are one draw of the split, and on this dataset a second seed has reversed a gain that one seed's five
-pairs put above zero (docs/experiments.md, exclude_cleanlab on the GPU).
+pairs put above zero (docs/experiments.md, exclude_cleanlab on the GPU). A pair is only ever formed between
+runs trained in the same floating-point precision (``--precision auto`` picks bf16 on a CPU with native bf16 and
+fp32 on one without, and that alone moved a fold by up to 0.03), so a seed run in fp32 pairs with the fp32
+baseline of that seed, never with the bf16 one.
 """
 
 from __future__ import annotations
@@ -21,14 +24,19 @@ LEVEL = 0.95
 MIN_SEEDS = 2  # the "repeated" in repeated grouped CV
 
 
-def fold_scores(records: Iterable[dict[str, Any]], metric: str) -> dict[tuple[int, int], float]:
-    """(seed, fold) -> the held-out fold's score, over CV records of one recipe (one record per seed)."""
-    scores: dict[tuple[int, int], float] = {}
+def precision(record: dict[str, Any]) -> str:
+    """The floating-point precision a CV record's models were trained in ("?" for records that do not say)."""
+    return str(record.get("machine", {}).get("precision") or "?")
+
+
+def fold_scores(records: Iterable[dict[str, Any]], metric: str) -> dict[tuple[int, int, str], float]:
+    """(seed, fold, precision) -> the held-out fold's score, over CV records of one recipe (one record per seed and precision)."""
+    scores: dict[tuple[int, int, str], float] = {}
     for record in records:
         for fold in record["cv"]["per_fold"]:
-            key = (int(fold.get("seed", record["seed"])), int(fold["fold"]))
+            key = (int(fold.get("seed", record["seed"])), int(fold["fold"]), precision(record))
             if key in scores:
-                raise ValueError(f"recipe {record['recipe']}: (seed, fold) {key} appears in two records; keep one run per seed")
+                raise ValueError(f"recipe {record['recipe']}: (seed, fold, precision) {key} appears in two records; keep one run per seed")
             scores[key] = float(fold[metric])
     return scores
 
@@ -57,17 +65,18 @@ def verdict(seeds: int, t_low: float) -> str:
 
 
 def paired_gain(baseline: Iterable[dict[str, Any]], candidate: Iterable[dict[str, Any]], metric: str) -> dict[str, Any]:
-    """Mean paired gain of ``candidate`` over ``baseline`` on their shared (seed, fold) pairs, with intervals."""
+    """Mean paired gain of ``candidate`` over ``baseline`` on their shared (seed, fold, precision) pairs, with intervals."""
     base, cand = fold_scores(baseline, metric), fold_scores(candidate, metric)
     shared = sorted(base.keys() & cand.keys())
     differences = np.array([cand[key] - base[key] for key in shared])
     t_low, t_high = t_interval(differences)
-    seeds = sorted({seed for seed, _ in shared})
+    seeds = sorted({seed for seed, _, _ in shared})
     decision = verdict(len(seeds), t_low)
     return {
         "metric": metric,
         "pairs": len(shared),
         "seeds": seeds,
+        "precisions": {seed: sorted({p for s, _, p in shared if s == seed}) for seed in seeds},
         "baseline_mean": float(np.mean([base[k] for k in shared])) if shared else float("nan"),
         "candidate_mean": float(np.mean([cand[k] for k in shared])) if shared else float("nan"),
         "gain": float(differences.mean()) if shared else float("nan"),

@@ -73,8 +73,8 @@ def test_one_seed_is_not_enough_to_adopt_however_clear_its_gain():
     assert two_seeds["adopt"] and two_seeds["verdict"] == "yes"
 
 
-def _cv_record(recipe: str, seed: int, score: float, started: str, note: str | None = None) -> dict:
-    return {"recipe": recipe, "seed": seed, "kind": "cv5", "note": note, "started": started,
+def _cv_record(recipe: str, seed: int, score: float, started: str, note: str | None = None, precision: str = "bf16") -> dict:
+    return {"recipe": recipe, "seed": seed, "kind": "cv5", "note": note, "started": started, "machine": {"cpus": 2, "precision": precision},
             "cv": {"per_fold": [{"seed": seed, "fold": f, **{m: score * (i + 1) + 0.01 * f for i, m in enumerate(METRICS)}}
                                 for f in range(5)]}}
 
@@ -93,6 +93,21 @@ def test_paired_table_uses_the_newest_run_per_seed_and_never_pairs_across_notes(
     assert cells[6:10] == ["0.860 / 0.820", "+0.040 [+0.040, +0.040] (+0.040, +0.040)", "+0.020 [+0.020, +0.020]",
                            "+0.060 [+0.060, +0.060]"]  # against the rerun, not the older 0.30 baseline
     assert gpu in gpu_row and "0.280 / 0.220" in gpu_row and "+0.060 [+0.060, +0.060] (+" in gpu_row
+
+
+def test_pairs_are_formed_only_between_runs_trained_in_the_same_precision():
+    """--precision auto trains in bf16 or fp32 depending on the CPU: an fp32 seed pairs with that seed's fp32 baseline."""
+    runs = [_cv_record("baseline", 42, 0.30, "2026-11-26T10"), _cv_record("baseline", 43, 0.30, "2026-11-26T11"),
+            _cv_record("baseline", 43, 0.20, "2026-11-27T10", precision="fp32"),  # not a rerun of the bf16 one: both stay
+            _cv_record("r", 42, 0.31, "2026-11-27T11"), _cv_record("r", 43, 0.22, "2026-11-27T12", precision="fp32"),
+            _cv_record("fp16_only", 42, 0.50, "2026-11-27T13", precision="fp16")]
+    assert len(latest_per_seed(runs)[("cv5", None, "baseline")]) == 3
+    gain = paired_gain(latest_per_seed(runs)[("cv5", None, "baseline")], latest_per_seed(runs)[("cv5", None, "r")], "accuracy")
+    # 42: 0.31 - 0.30 (bf16), 43: 0.22 - 0.20 (fp32); against the bf16 baseline of 43 it would have been -0.08
+    assert gain["pairs"] == 10 and gain["gain"] == pytest.approx(0.015) and gain["precisions"] == {42: ["bf16"], 43: ["fp32"]}
+    rows = [line for line in paired_table(runs) if line.startswith("| ")]
+    assert any("| 42 (bf16), 43 (fp32) | 10 |" in row for row in rows)
+    assert not any(row.startswith("| fp16_only") for row in rows)  # no fp16 baseline: nothing to pair with
 
 
 def test_the_table_comes_with_a_forest_plot_of_the_paired_gains(tmp_path):

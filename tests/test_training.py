@@ -175,6 +175,8 @@ def check_cv_ensemble(run: Path, saved: dict, tmp_path: Path) -> None:
     records = {r["recipe"]: r for r in map(json.loads, map(Path.read_text, results.glob("*.json")))}
     twins, with_oracle = records["twins"], records["with_oracle"]
     assert twins["kind"] == "cv3" and twins["seed"] == saved["seed"]
+    trained_in = json.loads((run / "fold0" / "metrics.json").read_text())["mixed_precision"]  # "no" is fp32
+    assert twins["machine"]["precision"] == with_oracle["machine"]["precision"] == ("fp32" if trained_in == "no" else trained_in)
     for mine, member in zip(twins["cv"]["per_fold"], saved["per_fold"]):  # two identical members score as one
         assert mine["fold"] == member["fold"] and mine["macro_f1"] == pytest.approx(member["macro_f1"])
     # mean with a one-hot on the given label: that label gets >= 0.5 and every other < 0.5, so every image is right
@@ -194,7 +196,7 @@ def check_cv_ensemble(run: Path, saved: dict, tmp_path: Path) -> None:
 def check_kept_out_of_fold(run: Path, saved: dict, data_dir: Path, tmp_path: Path) -> None:
     """A CV record keeps its held-out probabilities beside it, so an --ensemble needs no work folder later."""
     kept_dir = tmp_path / "kept"
-    record = {"recipe": "tiny", "kind": "cv3", "seed": saved["seed"], "started": "2026-11-27T10:00:00+0000",
+    record = {"recipe": "tiny", "kind": "cv3", "seed": saved["seed"], "started": "2026-11-27T10:00:00+0000", "machine": {"precision": "fp32"},
               "cv": {"mean": saved["mean"], "std": saved["std"], "per_fold": saved["per_fold"]}, "out_of_fold": saved["out_of_fold"]}
     path = experiment_runs.save_record(record, kept_dir, data_dir)
     kept = kept_dir / json.loads(path.read_text())["out_of_fold"]
@@ -212,6 +214,12 @@ def check_kept_out_of_fold(run: Path, saved: dict, data_dir: Path, tmp_path: Pat
     for mine, member in zip(twins["cv"]["per_fold"], saved["per_fold"], strict=True):  # the folds are cut as the run cut them
         assert mine["n_validation"] == member["n_validation"] and mine["macro_f1"] == pytest.approx(member["macro_f1"], abs=1e-4)
     assert twins["latency_ms_per_image"] is None  # no models in a record: not timed
+    assert twins["machine"]["precision"] == "fp32"  # the members' precision: the ensemble pairs with the fp32 baseline
+    bf16 = kept_dir / "bf16.json"
+    bf16.write_text(json.dumps({**json.loads(path.read_text()), "machine": {"precision": "bf16"}}))
+    experiments.main(["--ensemble", str(path), str(bf16), "--name", "mixed_records", *common])
+    mixed = next(r for r in map(json.loads, map(Path.read_text, results.glob("*.json"))) if r["recipe"] == "mixed_records")
+    assert mixed["machine"]["precision"] == "mixed"  # pairs with no baseline
     with pytest.raises(ValueError, match="not a mix"):
         experiments.ExperimentArguments(ensemble=[str(run), str(path)])
     old = kept_dir / "old.json"  # written before held-out probabilities were kept: names a work-folder file

@@ -56,17 +56,21 @@ def add_ensemble_member(path: str | os.PathLike, member: str | os.PathLike, name
     metrics = json.loads((member / "metrics.json").read_text()) if (member / "metrics.json").is_file() else {}
     name = name or str(metrics.get("model") or member.name).replace("/", "_")
     relative = f"{MEMBERS_DIR}/{name}"
-    listed = [str(folder.relative_to(path)) for folder in ensemble_members(path)]
+    listed = [folder.relative_to(path).as_posix() for folder in ensemble_members(path)]
     if relative in listed:
         raise ModelLoadError(f"{path} already has a member named '{name}': pass another name")
     target = path / relative
     staging = target.parent / f".{name}.adding-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    for file in MEMBER_FILES:
-        if (member / file).is_file():
-            shutil.copy2(member / file, staging / file)
-    load_checkpoint(staging)  # refuse a damaged member before listing it
+    try:
+        for file in MEMBER_FILES:
+            if (member / file).is_file():
+                shutil.copy2(member / file, staging / file)
+        load_checkpoint(staging)  # refuse a damaged member before listing it
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     shutil.rmtree(target, ignore_errors=True)  # left by an earlier attempt that never listed it
     os.replace(staging, target)
     (path / ENSEMBLE_FILE).write_text(json.dumps({"members": listed + [relative]}, indent=2) + "\n")

@@ -78,6 +78,12 @@ def test_members_must_share_labels_and_a_damaged_list_is_named(ensemble, tiny_vi
         add_ensemble_member(ensemble, tiny_vit, "convnext")
     with pytest.raises(ModelLoadError, match="not a checkpoint folder"):
         add_ensemble_member(ensemble, tmp_path / "missing")
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_vit, damaged)
+    (damaged / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ModelLoadError, match="damaged or mismatched"):
+        add_ensemble_member(ensemble, damaged, "damaged")
+    assert sorted(p.name for p in (ensemble / "members").iterdir()) == ["convnext"]  # no staging folder left behind
     assert ensemble_members(ensemble) == [ensemble / "members" / "convnext"]  # nothing half-added
 
     (ensemble / ENSEMBLE_FILE).write_text(json.dumps({"members": ["../elsewhere"]}))

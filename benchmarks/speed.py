@@ -154,7 +154,7 @@ def bare_forward(predictor: Predictor):
     def forward(inputs: list[torch.Tensor]) -> None:
         with torch.inference_mode():
             for member, x in zip(members, inputs):
-                member.onnx(x) if member.onnx is not None else member.model(pixel_values=x)
+                member.forward(x)
     return forward
 
 

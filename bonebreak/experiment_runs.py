@@ -25,6 +25,7 @@ from .evaluation import (PROBABILITIES_FILE, evaluate_split, metrics_with_interv
 from .inference import Ensemble, Predictor
 from .experiment_table import METRICS
 from .metrics import classification_metrics, headline
+from .protocol import precision
 from .splits import EVALUATION_SPLITS, relative_path
 from .arguments import RECIPES_DIR, DataArguments, arguments_record, parse_arguments, read_recipe
 from .training import fold_spread, prepare_data, run_cv, run_training
@@ -179,13 +180,13 @@ def cv_member_folds(member: str | os.PathLike) -> tuple[int, int, list[FoldTable
     return record["seed"], len(sizes), [(paths[a:b], given[a:b], probs[a:b], labels) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def member_precision(member: str | os.PathLike) -> str | None:
-    """The training precision (bf16, fp16, fp32) of a CV run, from its folder or its record (None: not recorded)."""
+def member_precision(member: str | os.PathLike) -> str:
+    """The training precision (bf16, fp16, fp32) of a CV run, from its folder or its record ("?": not recorded)."""
     member = Path(member)
     if member.is_dir():
         mixed = json.loads((member / "fold0" / "metrics.json").read_text()).get("mixed_precision")
-        return "fp32" if mixed == "no" else mixed
-    return json.loads(member.read_text()).get("machine", {}).get("precision")
+        return "fp32" if mixed == "no" else str(mixed or "?")
+    return precision(json.loads(member.read_text()))
 
 
 def cv_ensemble_folds(members: list[str]) -> tuple[int, int, list[dict[str, Any]]]:

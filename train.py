@@ -1,11 +1,6 @@
-"""Train a fracture classifier: `python train.py` or `accelerate launch train.py` (see --help)."""
+"""Train a BoneBreak model: ``python train.py`` or ``accelerate launch train.py`` (see --help). Same as ``bonebreak train``."""
 
-import sys
-
-from bonebreak.training import main
+from bonebreak.commands import run
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as error:  # bad flags or data: one clear line instead of a traceback
-        sys.exit(f"error: {error}")
+    run("train")

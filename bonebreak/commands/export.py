@@ -1,0 +1,50 @@
+"""Write what serving runs on ONNX Runtime into a checkpoint: ``bonebreak export --model_path DIR``.
+
+A thin front door: ``model.onnx`` (the classifier, checked against PyTorch and stamped with the weights' hash) and
+``xray_check.onnx`` (the X-ray check's network) come from ``bonebreak.models.onnx_export``; a folder from before
+0.6 has its ``ood.safetensors`` renamed to ``xray_check.safetensors``. ONNX is the only format, so there is no
+format flag.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..common.argument_parser import parse
+from ..common.checkpoint_format import ONNX_FILE, SHIPPED_MODEL, XRAY_CHECK_FILE
+from ..models.onnx_export import DEFAULT_OPSET, DEFAULT_TOLERANCE, export_onnx, export_xray_check
+from ..serving.checkpoint_info import ensemble_members
+from ..serving.xray_check import LEGACY_FILE, adopt_legacy_file
+
+
+@dataclass
+class ExportArguments:
+    model_path: str = field(default=SHIPPED_MODEL, metadata={"help": "Checkpoint folder to export."})
+    output: str | None = field(default=None, metadata={"help": f"Where to write the classifier (default: MODEL_PATH/{ONNX_FILE}, which the "
+                                                                "app and CLI pick up, and the same file in each ensemble member's folder)."})
+    opset: int = field(default=DEFAULT_OPSET, metadata={"help": "ONNX opset version."})
+    tolerance: float = field(default=DEFAULT_TOLERANCE, metadata={"help": "Fail when a probability differs from PyTorch by more than this."})
+
+    def __post_init__(self) -> None:
+        if not 7 <= self.opset <= 23:
+            raise ValueError(f"--opset must be between 7 and 23, got {self.opset}")
+        if self.tolerance < 0:
+            raise ValueError(f"--tolerance must be >= 0, got {self.tolerance}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parse(ExportArguments, argv, "bonebreak export", __doc__)
+    report = export_onnx(args.model_path, args.output, args.opset, args.tolerance)
+    if args.output is None:  # an ensemble serves each member's own model.onnx
+        members = {member.name: export_onnx(member, None, args.opset, args.tolerance) for member in ensemble_members(args.model_path)}
+        report = {**report, **({"members": members} if members else {})}
+        if adopt_legacy_file(args.model_path):
+            report["renamed"] = f"{LEGACY_FILE} -> {XRAY_CHECK_FILE}"
+        if (Path(args.model_path) / XRAY_CHECK_FILE).is_file():
+            report["xray_check"] = export_xray_check(args.model_path, args.opset, args.tolerance)
+    print(json.dumps(report, indent=2))
+    return report

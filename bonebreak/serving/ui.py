@@ -1,0 +1,206 @@
+"""The Gradio demo: upload an X-ray, get the top fracture types, what they mean and where the
+model looked. Nothing happens at import time; ``build_demo`` wires a loaded classifier (``serving.loader``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+from PIL import Image
+from threadpoolctl import threadpool_limits
+
+from ..common.files import write_atomically
+from ..common.notices import RESEARCH_DEMO
+from ..data.decode import IMAGE_SUFFIXES, ImageLoadError
+from .heatmaps import overlay_heatmap
+from .loader import Classifier
+from .onnx_runtime import OnnxForward
+
+logger = logging.getLogger(__name__)
+
+INFO_FILE = Path(__file__).with_name("fracture_info.json")
+EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "examples"
+NOT_XRAY = (
+    "**This does not look like a bone X-ray.** It is unlike every radiograph the model was trained on, "
+    "so no fracture type is given. Upload a plain X-ray image of a bone."
+)
+INFO_FIELDS = (("what", "What it is"), ("mechanism", "Typical mechanism"), ("who", "Who gets it"), ("where", "Where it is seen"), ("management", "Usual management"))
+
+
+@lru_cache(maxsize=1)
+def fracture_info() -> dict[str, Any]:
+    return json.loads(INFO_FILE.read_text())
+
+
+def describe(label: str) -> str:
+    info = fracture_info().get(label)
+    if info is None:
+        return f"No background text is available for **{label}**."
+    lines = [f"### {label} fracture"] + [f"- **{title}:** {info[key]}" for key, title in INFO_FIELDS]
+    if "confused_with" in info:  # only for the type pairs the label audit found models and labels confusing systematically
+        lines.append(f"- **Often confused:** {info['confused_with']}")
+    lines.append(f"\n<sub>Source: {fracture_info()['_source']}</sub>")
+    return "\n".join(lines)
+
+
+def introduction(labels: list[str]) -> str:
+    """The page's first line, naming what this checkpoint can tell apart (not every model knows the ten shipped types)."""
+    return f"Upload a bone X-ray to see which of these {len(labels)} types it most resembles: {', '.join(labels)}."
+
+
+def answer_text(top_label: str, top_probability: float, unsure: bool, threshold: float) -> str:
+    if unsure:
+        return (
+            f"**The model is unsure.** Its best guess, {top_label}, has only {top_probability:.0%} probability "
+            f"(below the {threshold:.0%} threshold), so treat the ranking below as a list of possibilities, not an answer."
+        )
+    return f"**Most likely type: {top_label}** ({top_probability:.0%})."
+
+
+OUTPUT_SUFFIX = ".jpg"
+
+
+@dataclass
+class OutputImages:
+    """Output pictures as files named by their content, written atomically.
+
+    Gradio saves a returned PIL image by overwriting a content-named file in place, so two
+    requests producing the same picture (two visitors clicking the same example) can serve
+    each other a half-written file. A finished file handed over by path is copied atomically.
+    """
+
+    folder: Path = field(default_factory=lambda: Path(tempfile.gettempdir()) / "bonebreak-outputs")
+    max_age_seconds: float = 3600.0
+    _last_prune: float = 0.0
+
+    def save(self, image: Image.Image) -> str:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        # JPEG: a heat map needs no lossless copy, and a 224 px one encodes in 0.15 ms against 2.9 ms as PNG
+        image.convert("RGB").save(buffer, format="JPEG", quality=92)
+        data = buffer.getvalue()
+        path = self.folder / f"{hashlib.sha256(data).hexdigest()[:32]}{OUTPUT_SUFFIX}"
+        self._prune()  # before saving, so the file handed out now is never the one pruned
+        if path.exists():
+            os.utime(path)  # handed out again: its age starts over
+        else:
+            write_atomically(path, data)
+        return str(path)
+
+    def _prune(self) -> None:
+        now = time.time()
+        if now - self._last_prune < 600:
+            return
+        self._last_prune = now
+        for old in self.folder.glob(f"*{OUTPUT_SUFFIX}"):
+            if now - old.stat().st_mtime > self.max_age_seconds:
+                old.unlink(missing_ok=True)
+
+
+@dataclass
+class RequestHandler:
+    """The function behind the UI and the API: one call, one image, every output."""
+
+    predictor: Classifier
+    top_k: int = 3
+    outputs: OutputImages = field(default_factory=OutputImages)
+
+    def __call__(self, file: str | None, show_heatmap: bool = True) -> tuple[dict[str, float], str, str]:
+        if not file:
+            raise gr.Error("Please upload an X-ray image first (JPEG, PNG, TIFF, WebP or DICOM).")
+        name = Path(file).name
+        try:
+            image = self.predictor.load(file)  # decoded once; the predictor does not decode it again
+            analysis = self.predictor.analyse(image, heatmap=show_heatmap)  # one forward pass
+        except ImageLoadError as error:
+            raise gr.Error(f"Could not read '{name}': {str(error).split(': ', 1)[-1]}") from error
+        except Exception as error:  # never let one upload take the server down
+            logger.exception("prediction failed for %s", file)
+            raise gr.Error(f"Could not process '{name}' ({type(error).__name__}). Please try another image.") from error
+        prediction = analysis.prediction
+        shown = self.outputs.save(overlay_heatmap(analysis.view, analysis.heatmap) if analysis.heatmap is not None else image)
+        if prediction.xray_check_passed is False:
+            return {}, NOT_XRAY, shown
+        text = answer_text(prediction.top_label, prediction.top_probability, prediction.unsure, self.predictor.unsure_below)
+        text += "\n\n" + describe(prediction.top_label)
+        return prediction.top(self.top_k), text, shown
+
+
+def example_files(folder: Path = EXAMPLES_DIR) -> list[str]:
+    if not folder.is_dir():
+        return []
+    return [str(p) for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+
+
+def heatmap_label(predictor: Classifier) -> str:
+    """The heat map is one model's: an ensemble says whose; a model without one says so."""
+    if not predictor.heatmaps_available:
+        return "Heat map: not available for this model on this backend (it needs PyTorch: --backend torch)"
+    members = getattr(predictor, "members", [])
+    if len(members) > 1:
+        return f"Show Grad-CAM heat map (where the first of the {len(members)} ensemble models looked)"
+    return "Show Grad-CAM heat map (where the model looked)"
+
+
+def build_demo(predictor: Classifier, examples: list[str] | None = None) -> gr.Blocks:
+    classify = RequestHandler(predictor)
+    examples = example_files() if examples is None else examples
+    # Uploads and heat maps are cached on disk per request: drop files older than an hour.
+    with gr.Blocks(title="BoneBreak: fracture type from an X-ray", delete_cache=(1800, 3600)) as demo:
+        gr.Markdown(f"# BoneBreak\n{introduction(predictor.labels)}")
+        gr.Markdown(RESEARCH_DEMO, elem_id="notice")
+        with gr.Row():
+            with gr.Column():
+                upload = gr.File(
+                    label="X-ray image (JPEG, PNG, TIFF, WebP, DICOM; drag and drop or click)",
+                    file_types=sorted(IMAGE_SUFFIXES),
+                    type="filepath",
+                    elem_id="upload",
+                )
+                pasted = gr.Image(label="...or paste an image from the clipboard", sources=["clipboard"], type="filepath", height=160)
+                show_heatmap = gr.Checkbox(value=True, label=heatmap_label(predictor))
+                button = gr.Button("Classify", variant="primary")
+                if examples:
+                    gr.Examples(examples=[[e] for e in examples], inputs=[upload], label="Example X-rays (CC BY 4.0, see examples/ATTRIBUTION.md)")
+            with gr.Column():
+                # No big heading: the verdict text says whether the top label is an answer or a guess.
+                labels = gr.Label(num_top_classes=classify.top_k, label="Top fracture types (probability)", show_heading=False, elem_id="labels")
+                picture = gr.Image(label="Model view / heat map", type="filepath", interactive=False, elem_id="heatmap")
+                info = gr.Markdown(elem_id="info")
+        outputs = [labels, info, picture]
+        button.click(classify, inputs=[upload, show_heatmap], outputs=outputs, api_name="predict")
+        upload.upload(classify, inputs=[upload, show_heatmap], outputs=outputs, api_name=False)
+        pasted.upload(classify, inputs=[pasted, show_heatmap], outputs=outputs, api_name=False)
+    return demo
+
+
+def serving_threads(predictor: Classifier) -> bool:
+    """One BLAS thread when ONNX Runtime runs every network (returns whether it did so).
+
+    The BLAS pool is then left with per-request glue only (the X-ray check's nearest-neighbour product), where its
+    idle spinning slowed ONNX Runtime's own threads on a busy 2-core CPU (app request p50 47 ms with one thread
+    against 109 ms with two; docs/speed.md). On the PyTorch backend the forward pass needs them: left alone.
+    """
+    members = getattr(predictor, "members", [predictor])
+    if all(isinstance(member.forward, OnnxForward) for member in members):
+        threadpool_limits(limits=1)
+        return True
+    return False
+
+
+def launch(demo: gr.Blocks, host: str, port: int, concurrency: int = 2, max_upload_mb: int = 20) -> None:
+    # Two CPU cores: more than two forward passes at once only adds latency to each; the
+    # bounded queue turns a flood into "queue full" errors instead of unbounded memory.
+    demo.queue(default_concurrency_limit=concurrency, max_size=64)
+    demo.launch(server_name=host, server_port=port, max_file_size=f"{max_upload_mb}mb", ssr_mode=False, show_error=True)

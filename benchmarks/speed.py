@@ -14,7 +14,7 @@ Prints, and writes to benchmarks/results/speed/<time>.json:
   check + the output picture) vs a bare ONNX forward of the classifier (target <= 2.5x), and
   the first request of a freshly started app vs the median request (target <= 2x).
 Ratios are what to compare across machines; absolute numbers depend on the CPU and load. For an ensemble
-checkpoint (``python -m bonebreak.add_member``) every "bare forward" is the forward passes of all its members.
+checkpoint (``bonebreak add-member``) every "bare forward" is the forward passes of all its members.
 """
 
 from __future__ import annotations
@@ -35,16 +35,22 @@ from transformers import TrainerCallback
 
 from benchmarks.records import write_report
 from benchmarks.timing import percentiles_ms, time_calls
-from bonebreak.arguments import BoneBreakTrainingArguments, DataArguments, ModelArguments, resolve_precision
-from bonebreak.batch import predict_files
-from bonebreak.data import image_paths, load_splits, resolve_data_dir
-from bonebreak.inference import Predictor
-from bonebreak.models import SHIPPED_MODEL, create_model
-from bonebreak.onnx_backend import ONNX_FILE, export_onnx
-from bonebreak.recipe_extras import class_weights, make_loss
-from bonebreak.training import build_trainer, model_inputs, prepare_data
-from bonebreak.transforms import AugmentConfig, collate, preprocess_config_from_processor, train_transform
-from bonebreak.ui import Classifier, OutputImages, serving_threads
+from bonebreak.commands.serving_setup import load_served
+from bonebreak.common.checkpoint_format import ONNX_FILE, SHIPPED_MODEL
+from bonebreak.data.layouts import resolve_data_dir
+from bonebreak.data.loading import image_paths, load_splits
+from bonebreak.models.factory import create_model, preprocess_config_of
+from bonebreak.models.onnx_export import export_onnx
+from bonebreak.models.torch_backend import load_classifier
+from bonebreak.serving.batch_predict import predict_files
+from bonebreak.serving.loader import Classifier
+from bonebreak.serving.predictor import Predictor
+from bonebreak.serving.ui import OutputImages, RequestHandler, serving_threads
+from bonebreak.training.arguments import BoneBreakTrainingArguments, DataArguments, ModelArguments
+from bonebreak.training.augment import AugmentConfig, collate, train_transform
+from bonebreak.training.options import class_weights, make_loss
+from bonebreak.training.setup import for_this_machine, precision_of
+from bonebreak.training.trainer import build_trainer, model_inputs, prepare_data
 
 
 # --- training ----------------------------------------------------------------------------
@@ -82,7 +88,7 @@ def bare_images_per_second(setup: Setup, data: Any, warmup: int, steps: int) -> 
     model_args, data_args, args = setup
     torch.manual_seed(args.seed)
     model, processor = create_model(model_args.model, data.labels, model_args.image_size)
-    transform = train_transform(preprocess_config_from_processor(processor, model.config), AugmentConfig(policy=args.augment))
+    transform = train_transform(preprocess_config_of(model, processor), AugmentConfig(policy=args.augment))
     workers = args.dataloader_num_workers
     loader = torch.utils.data.DataLoader(
         model_inputs(data.splits["train"], transform, data_args.cache_images), batch_size=args.per_device_train_batch_size,
@@ -91,7 +97,7 @@ def bare_images_per_second(setup: Setup, data: Any, warmup: int, steps: int) -> 
     weights = class_weights(list(data.splits["train"]["label"]), len(data.labels)) if args.class_weighted_loss else None
     loss_fn = make_loss(weights, args.label_smoothing_factor)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-    bf16 = resolve_precision(args.precision, torch.cuda.is_available()) == "bf16"
+    bf16 = precision_of(args) == "bf16"  # the precision the Trainer path trains in (args are set up for_this_machine)
     model.train()
     marks, done = [], 0
     while len(marks) <= steps:
@@ -112,8 +118,9 @@ def bare_images_per_second(setup: Setup, data: Any, warmup: int, steps: int) -> 
 def training_section(data_dir: str, warmup: int, steps: int) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         model_args, data_args = ModelArguments(), DataArguments(data_dir=data_dir)
-        args = BoneBreakTrainingArguments(output_dir=str(Path(scratch) / "model"), num_train_epochs=100, early_stopping_patience=0,
-                                          logging_steps=1000, overwrite_output_dir=True)
+        # as a run sets them up: --precision auto resolved to --bf16/--fp16, --use_cpu where there is no GPU
+        args = for_this_machine(BoneBreakTrainingArguments(output_dir=str(Path(scratch) / "model"), num_train_epochs=100,
+                                                           early_stopping_patience=0, logging_steps=1000, overwrite_output_dir=True))
         setup = (model_args, data_args, args)
         data = prepare_data(data_args, args.seed)
         runs: dict[str, float] = {}
@@ -129,7 +136,7 @@ def training_section(data_dir: str, warmup: int, steps: int) -> dict:
     ours = (runs["trainer_1"] + runs["trainer_2"]) / 2
     return {
         "setup": {"model": model_args.model, "batch_size": args.per_device_train_batch_size,
-                  "precision": resolve_precision(args.precision, torch.cuda.is_available()),
+                  "precision": precision_of(args),
                   "num_workers": args.dataloader_num_workers, "timed_steps": steps, "warmup_steps": warmup, "augment": args.augment},
         "images_per_second": {k: round(v, 2) for k, v in runs.items()},
         "trainer_vs_bare_loop": round(ours / bare, 3),
@@ -140,33 +147,44 @@ def training_section(data_dir: str, warmup: int, steps: int) -> dict:
 # --- inference ---------------------------------------------------------------------------
 
 
-def preloaded(predictor: Predictor, files: list[str]) -> list[list[torch.Tensor]]:
-    """Each image preprocessed in advance for the predictor and each ensemble partner (each has its own size)."""
-    members = [predictor, *predictor.partners]
-    return [[member._batch([member.load(f)]) for member in members] for f in files]
+def members(classifier: Classifier) -> list[Predictor]:
+    """The models a checkpoint serves: its own, plus an ensemble checkpoint's members."""
+    return list(getattr(classifier, "members", [classifier]))
 
 
-def bare_forward(predictor: Predictor):
-    """The bare baseline: the forward pass of every model the predictor serves (one, or an ensemble's
-    members), on tensors preprocessed in advance, on the predictor's backend."""
-    members = [predictor, *predictor.partners]
+def preloaded(classifier: Classifier, files: list[str]) -> list[list[np.ndarray]]:
+    """Each image preprocessed in advance for every model served (each has its own preprocessing and size)."""
+    return [[member.pixels([member.load(f)]) for member in members(classifier)] for f in files]
 
-    def forward(inputs: list[torch.Tensor]) -> None:
-        with torch.inference_mode():
-            for member, x in zip(members, inputs):
-                member.forward(x)
+
+def bare_forward(classifier: Classifier):
+    """The bare baseline: the forward pass of every model the classifier serves (one, or an ensemble's
+    members), on inputs preprocessed in advance, on the classifier's backend (each member's ``Predictor.forward``)."""
+    served = members(classifier)
+
+    def forward(inputs: list[np.ndarray]) -> None:
+        for member, x in zip(served, inputs):
+            member.forward(x)
     return forward
+
+
+def without_xray_check(classifier: Classifier) -> Classifier:
+    """The same classifier with its X-ray check switched off, so ``predict`` times the classification alone."""
+    for member in members(classifier):
+        member.xray_check = None
+    if hasattr(classifier, "members"):
+        classifier.xray_check = None
+    return classifier
 
 
 def inference_section(model_path: str, files: list[str], rounds: int = 5) -> dict:
     if not (Path(model_path) / ONNX_FILE).is_file():
         export_onnx(model_path)
-    eager = Predictor.from_checkpoint(model_path, device="cpu", backend="torch")
-    onnx = Predictor.from_checkpoint(model_path, device="cpu", backend="onnx")
+    # predict() itself; the X-ray check is timed on its own below (with_xray)
+    eager = without_xray_check(load_classifier(model_path, backend="torch", device="cpu"))
+    onnx = without_xray_check(load_classifier(model_path, backend="onnx", device="cpu"))
+    with_xray = load_classifier(model_path, backend="onnx", device="cpu")
     pixels = preloaded(eager, files)
-    xray_check, eager.ood, onnx.ood = eager.ood, None, None  # predict() itself; the X-ray check is timed on its own below
-    with_xray = Predictor(onnx.model, onnx.preprocess, device="cpu", temperature=onnx.temperature, ood=xray_check, onnx=onnx.onnx,
-                          partners=onnx.partners)
     bare_torch, bare_onnx = bare_forward(eager), bare_forward(onnx)
 
     timings: dict[str, list[float]] = {}
@@ -187,7 +205,7 @@ def inference_section(model_path: str, files: list[str], rounds: int = 5) -> dic
         return {"median": round(float(np.median(values)), 2), "min": round(min(values), 2), "max": round(max(values), 2)}
     return {
         "images": len(files),
-        "models": 1 + len(eager.partners),
+        "models": len(members(eager)),
         "threads": torch.get_num_threads(),
         "rounds": rounds,
         "latency": {name: percentiles_ms(s) for name, s in timings.items()},
@@ -203,7 +221,7 @@ def inference_section(model_path: str, files: list[str], rounds: int = 5) -> dic
 def folder_section(model_path: str, files: list[str]) -> dict:
     result = {}
     for backend in ("torch", "onnx"):
-        predictor = Predictor.from_checkpoint(model_path, device="cpu", backend=backend)
+        predictor = load_classifier(model_path, backend=backend, device="cpu")
         predict_files(predictor, [Path(f) for f in files[:16]])  # warm-up (and loads the X-ray check's model)
         started = time.perf_counter()
         predict_files(predictor, [Path(f) for f in files])
@@ -215,16 +233,17 @@ def folder_section(model_path: str, files: list[str]) -> dict:
 
 
 def app_section(model_path: str, files: list[str], rounds: int = 3) -> dict:
-    """A request as the app serves it (``Classifier``: decode, prediction, heat map, X-ray check,
+    """A request as the app serves it (``RequestHandler``: decode, prediction, heat map, X-ray check,
     output picture) against a bare ONNX Runtime forward of the classifier on a preloaded tensor;
     and the first request of a freshly started app (start-up as ``app.py`` does it) vs the median."""
     with tempfile.TemporaryDirectory() as scratch:
         started = time.perf_counter()
-        predictor = Predictor.from_checkpoint(model_path, device="cpu", backend="onnx")
+        predictor = load_served(model_path, "onnx")
         threads = torch.get_num_threads()
         limits = threadpool_limits(limits=None)  # restores BLAS/OpenMP pools on exit
         serving_threads(predictor)  # as app.py sets them
-        classify = Classifier(predictor, outputs=OutputImages(folder=Path(scratch)))
+        threads_while_serving = torch.get_num_threads()
+        classify = RequestHandler(predictor, outputs=OutputImages(folder=Path(scratch)))
         startup = time.perf_counter() - started
         started = time.perf_counter()
         classify(files[0], True)
@@ -247,10 +266,10 @@ def app_section(model_path: str, files: list[str], rounds: int = 3) -> dict:
     median_request = float(np.median(timings["app_request"]))
     return {
         "images": len(files),
-        "models": 1 + len(predictor.partners),
+        "models": len(members(predictor)),
         "rounds": rounds,
         "startup_s": round(startup, 2),
-        "torch_threads_while_serving": 1 if predictor.backend == "onnx" else threads,
+        "torch_threads_while_serving": threads_while_serving,
         "latency": {name: percentiles_ms(s) for name, s in timings.items()},
         "app_request_vs_bare_onnx_forward": {"median": round(float(np.median(ratios)), 2), "min": round(min(ratios), 2),
                                              "max": round(max(ratios), 2), "target": 2.5},

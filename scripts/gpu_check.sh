@@ -75,7 +75,7 @@ cv_sweeps() {  # one process per recipe and seed, all at once (the GPU has room;
     local niceness=0
     [[ " $CV_RECIPES_NICE " == *" $recipe "* ]] && niceness=15
     for seed in $CV_SEEDS; do
-      OMP_NUM_THREADS=1 nice -n "$niceness" python -m bonebreak.experiments --recipes "$recipe" --cv 5 --seed "$seed" --data_dir "$DATA" \
+      OMP_NUM_THREADS=1 nice -n "$niceness" python -m bonebreak experiments --recipes "$recipe" --cv 5 --seed "$seed" --data_dir "$DATA" \
         --work_dir "$RUNS/cv" --results_dir benchmarks/results --table_path "$RUNS/experiments-$recipe-$seed.md" \
         --train_flags "--dataloader_num_workers $CV_WORKERS --no_export_onnx" --note "$CV_NOTE" $EXTRA_CV \
         > "$RUNS/logs/cv-$recipe-$seed.log" 2>&1 &

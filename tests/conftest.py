@@ -117,7 +117,7 @@ def tiny_convnext(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def trained_vit(handful: Path, tiny_vit: Path, tmp_path_factory) -> Path:
     """A tiny ViT trained one epoch on the handful of real images (shared by several tests)."""
-    from bonebreak.training import main
+    from bonebreak.commands.train import main
 
     out = tmp_path_factory.mktemp("runs") / "vit"
     main(["--data_dir", str(handful), "--model", str(tiny_vit), "--epochs", "1", "--batch_size", "8", "--output_dir", str(out), "--num_workers", "0"])
@@ -181,7 +181,7 @@ def gradient16(h: int = 64, w: int = 80, top: int = 4095) -> np.ndarray:
 
 def write_manifest(root: Path, path: Path, leaked: set[str] = frozenset(), validation: set[str] = frozenset()) -> Path:
     """A split manifest (path,label,split,group) for a Kaggle-layout folder: pairs of files share a group."""
-    from bonebreak.data import clean_label
+    from bonebreak.data.layouts import clean_label
 
     rows = ["path,label,split,group"]
     for i, file in enumerate(sorted(p for p in root.rglob("*") if p.is_file())):

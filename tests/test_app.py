@@ -1,5 +1,6 @@
 """The Gradio app: the predict function on every input kind, then the real server in a real
-browser (Debian chromium driven by Playwright) and through gradio_client."""
+browser (Debian chromium driven by Playwright) and through gradio_client. (The answer texts and output
+pictures without a model, and one request on the shipped model, are tests/test_ui_answers.py.)"""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ import gradio as gr
 import pytest
 from PIL import Image
 
-from bonebreak.images import load_image
-from bonebreak.inference import Predictor
-from bonebreak.ui import NOT_XRAY, Classifier, OutputImages, build_demo, describe, example_files, fracture_info
+from bonebreak.models.torch_backend import TorchForward, load_classifier
+from bonebreak.serving.loader import load_predictor
+from bonebreak.serving.ui import NOT_XRAY, OutputImages, RequestHandler, build_demo, example_files, fracture_info
 from conftest import REPO, SHIPPED_MODEL, bomb_png, gradient16, make_dicom, start_app, synthetic_xray
 
 UPLOAD = "#upload input[type=file]"
@@ -23,27 +24,9 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
 @pytest.fixture(scope="module")
-def classify(trained_vit) -> Classifier:
+def classify(trained_vit) -> RequestHandler:
     # Decoding is under test here, so the X-ray check (fitted on 10 images) is left out.
-    return Classifier(Predictor.from_checkpoint(trained_vit, calibrated=False))
-
-
-def test_info_file_covers_every_label(classify):
-    info = fracture_info()
-    for label in classify.predictor.labels:
-        assert {"what", "mechanism", "who", "where", "management"} <= set(info[label])
-        assert "Source:" in describe(label)
-        assert set(info[label]) <= {"what", "mechanism", "who", "where", "management", "confused_with"}
-
-
-def test_confused_pairs_are_named_on_both_sides():
-    info = {k: v for k, v in fracture_info().items() if not k.startswith("_")}
-    confused = {label for label, fields in info.items() if "confused_with" in fields}
-    assert confused == {"Spiral", "Oblique", "Longitudinal", "Greenstick"}  # the pairs reports/label_issues/ singles out
-    for label in confused:
-        partner = next(other for other in confused - {label} if other in info[label]["confused_with"])
-        assert label in info[partner]["confused_with"] and "Often confused" in describe(label)
-    assert "Often confused" not in describe("Avulsion")
+    return RequestHandler(load_predictor(trained_vit, torch_forward=TorchForward.from_checkpoint, xray_check=False, calibrated=False))
 
 
 def good_inputs(folder: Path) -> dict[str, Path]:
@@ -103,47 +86,21 @@ def test_every_bad_input_gets_a_specific_message_and_the_next_one_works(classify
 
 
 def test_unsure_is_said_plainly(trained_vit):
-    classify = Classifier(Predictor.from_checkpoint(trained_vit, unsure_below=1.0))
+    classify = RequestHandler(load_classifier(trained_vit, unsure_below=1.0))
     _, text, _ = classify(str(REPO / "examples" / "spiral_fracture.jpg"), False)
     assert text.startswith("**The model is unsure.**")
-    confident = Classifier(Predictor.from_checkpoint(trained_vit, unsure_below=0.0))
+    confident = RequestHandler(load_classifier(trained_vit, unsure_below=0.0))
     assert confident(str(REPO / "examples" / "spiral_fracture.jpg"), False)[1].startswith("**Most likely type:")
 
 
 def test_not_an_xray_gets_no_fracture_type(trained_vit):
-    predictor = Predictor.from_checkpoint(trained_vit)
-    assert predictor.ood is not None and predictor.temperature == 1.0  # the fitted one is folded into the head
-    assert predictor.model.config.bonebreak_temperature_folded == pytest.approx(
+    predictor = load_classifier(trained_vit)
+    assert predictor.xray_check is not None and predictor.temperature == 1.0  # the fitted one is folded into the head
+    assert json.loads((trained_vit / "config.json").read_text())["bonebreak_temperature_folded"] == pytest.approx(
         json.loads((trained_vit / "calibration.json").read_text())["temperature"])
-    predictor.ood.threshold = -1.0  # everything is unlike the training X-rays
-    labels, text, image = Classifier(predictor)(str(REPO / "examples" / "spiral_fracture.jpg"), False)
+    predictor.xray_check.threshold = -1.0  # everything is unlike the training X-rays
+    labels, text, image = RequestHandler(predictor)(str(REPO / "examples" / "spiral_fracture.jpg"), False)
     assert labels == {} and text == NOT_XRAY and Path(image).is_file()
-
-
-def test_a_request_decodes_once_and_the_xray_check_is_ready_before_it(monkeypatch, tmp_path):
-    import bonebreak.inference as inference
-
-    predictor = Predictor.from_checkpoint(SHIPPED_MODEL, device="cpu", backend="onnx")
-    assert predictor.embedder is not None  # built at start-up, not by the first visitor
-    assert predictor._shared_input  # the shipped model's input serves the X-ray check too (average-pooled to its size)
-    decoded = []
-    monkeypatch.setattr(inference, "load_image", lambda *args: decoded.append(args) or load_image(*args))
-    example = str(REPO / "examples" / "spiral_fracture.jpg")
-    labels, _, shown = Classifier(predictor, outputs=OutputImages(folder=tmp_path))(example, True)
-    assert len(decoded) == 1 and len(labels) == 3 and Path(shown).is_file()
-    analysis = predictor.analyse(example)
-    assert analysis.prediction.ood_score == pytest.approx(float(predictor.ood_scores([example])[0]), abs=1e-5)
-
-
-def test_output_images_are_content_named_and_written_whole(tmp_path):
-    outputs = OutputImages(folder=tmp_path / "out")
-    first = outputs.save(synthetic_xray(1))
-    assert outputs.save(synthetic_xray(1)) == first and outputs.save(synthetic_xray(2)) != first
-    assert sorted(p.suffix for p in (tmp_path / "out").iterdir()) == [".jpg", ".jpg"]  # no partial files left
-    stale = Path(first)
-    os.utime(stale, (0, 0))  # an hour-old copy of a picture that is produced again
-    assert outputs.save(synthetic_xray(1)) == first and OutputImages(folder=tmp_path / "out").save(synthetic_xray(1)) == first
-    assert stale.is_file()
 
 
 def test_demo_builds_without_side_effects(classify):

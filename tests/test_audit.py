@@ -1,4 +1,4 @@
-"""Duplicate audit: hashes, grouping, leak-free splits and the CLI (bonebreak.audit)."""
+"""Duplicate audit: hashes, grouping, leak-free splits and the CLI (bonebreak.audit, `bonebreak audit`)."""
 
 from __future__ import annotations
 
@@ -12,22 +12,22 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageOps
 
-from bonebreak.audit import main
-from bonebreak.data import DatasetError, scan_folder
-from bonebreak.duplicates import (
+from bonebreak.audit.duplicates import (
     DEFAULT_COSINE_THRESHOLD,
     DEFAULT_HASH_THRESHOLD,
     connected_groups,
     cosine_matrix,
     dihedral,
-    exact_hash,
     extract_features,
     hash_distance,
     hash_distance_matrix,
     image_hashes,
     near_duplicate_pairs,
 )
-from bonebreak.splits import Sample, grouped_folds, grouped_splits
+from bonebreak.commands.audit import main
+from bonebreak.common.files import file_sha256
+from bonebreak.data.layouts import scan_folder
+from bonebreak.data.splits import DatasetError, Sample, grouped_folds, grouped_splits
 from conftest import synthetic_xray
 
 
@@ -92,13 +92,13 @@ def copies(image: Image.Image) -> dict[str, Image.Image]:
 UNRELATED_SEEDS = (11, 22, 33, 44, 55, 66)
 
 
-def test_exact_hash_tells_identical_bytes_apart(tmp_path: Path):
+def test_file_sha256_tells_identical_bytes_apart(tmp_path: Path):
     a, b, c = tmp_path / "a.png", tmp_path / "b.png", tmp_path / "c.png"
     distinct_image(1).save(a)
     b.write_bytes(a.read_bytes())
     distinct_image(2).save(c)
-    assert exact_hash(a) == exact_hash(b) != exact_hash(c)
-    assert len(exact_hash(a)) == 64
+    assert file_sha256(a) == file_sha256(b) != file_sha256(c)
+    assert len(file_sha256(a)) == 64
 
 
 def test_dihedral_gives_the_8_distinct_flips_and_rotations():

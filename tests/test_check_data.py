@@ -1,4 +1,4 @@
-"""python -m bonebreak.check_data: what it prints for a usable folder, and the one-line error for a missing one."""
+"""bonebreak check-data: what it prints for a usable folder, and the one-line error for a missing one."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bonebreak.check_data import main
+from bonebreak.commands.check_data import main
 from conftest import REPO, write_image
 
 COUNTS = {"train": 4, "valid": 2, "test": 1}  # images per class in each split folder
@@ -65,7 +65,7 @@ def test_missing_folder_is_one_clear_line_and_exit_status_2(tmp_path):
     missing = tmp_path / "nowhere"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.pop("BONEBREAK_DATA", None)
-    result = subprocess.run([sys.executable, "-m", "bonebreak.check_data", "--data_dir", str(missing)],
+    result = subprocess.run([sys.executable, "-m", "bonebreak", "check-data", "--data_dir", str(missing)],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr
     assert result.stdout == ""

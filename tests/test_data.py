@@ -1,13 +1,16 @@
-"""Layouts, label names, broken files, splits and clear failures of bonebreak.data."""
+"""Layouts, label names, broken files, splits and clear failures of bonebreak.data (layouts, loading, splits)."""
 
 from __future__ import annotations
 
+import csv
 import logging
 from pathlib import Path
 
 import pytest
 
-from bonebreak.data import DatasetError, clean_label, detect_layout, load_splits, resolve_data_dir
+from bonebreak.data.layouts import clean_label, detect_layout, resolve_data_dir
+from bonebreak.data.loading import image_paths, load_splits
+from bonebreak.data.splits import DatasetError
 from conftest import write_image, write_manifest
 
 CLASSES = ["Hairline Fracture", "Avulsion fracture", "Fracture Dislocation"]
@@ -166,9 +169,10 @@ def test_shipped_manifest_matches_the_real_dataset(real_data):
 def test_decoded_cache_gives_the_same_inputs_as_streaming(handful):
     import torch
 
-    from bonebreak.data import DecodedImages
-    from bonebreak.training import model_inputs
-    from bonebreak.transforms import PreprocessConfig, eval_transform
+    from bonebreak.data.loading import DecodedImages
+    from bonebreak.data.preprocess import PreprocessConfig
+    from bonebreak.training.augment import eval_transform
+    from bonebreak.training.trainer import model_inputs
 
     split = load_splits(handful, split_manifest="none").splits["train"]
     transform = eval_transform(PreprocessConfig(image_size=64, mean=(0.5,) * 3, std=(0.5,) * 3))
@@ -177,3 +181,39 @@ def test_decoded_cache_gives_the_same_inputs_as_streaming(handful):
     for i in (0, len(split) - 1):
         assert cached[i]["labels"] == streamed[i]["labels"]
         assert torch.equal(cached[i]["pixel_values"], streamed[i]["pixel_values"])
+
+
+def test_roboflow_valid_copy_of_a_test_image_leaks_it_out_of_clean_test(tmp_path):
+    """A Roboflow export's valid/ folder is Train-side data too: a test/ image with a copy in valid/ is test_leaked
+    in the audit's grouped manifest, and load_splits keeps it in test but out of clean_test."""
+    from bonebreak.audit.reports import audit_dataset
+
+    root = tmp_path / "rf"
+    seed = 0  # seeds 0..14 of synthetic_xray are >= 4 hash bits apart: with hash_threshold 0 only the planted copies pair
+    for split, n in (("train", 3), ("valid", 1), ("test", 1)):
+        for name in CLASSES:
+            for i in range(n):
+                write_image(root / split / name.replace(" ", "_") / f"{i}.png", seed)
+                seed += 1
+    hairline, avulsion = "Hairline_Fracture", "Avulsion_fracture"
+    (root / "test" / hairline / "copy_of_valid.png").write_bytes((root / "valid" / hairline / "0.png").read_bytes())
+    (root / "test" / avulsion / "copy_of_train.png").write_bytes((root / "train" / avulsion / "1.png").read_bytes())  # control
+    manifest = tmp_path / "manifest.csv"
+    summary = audit_dataset(str(root), tmp_path / "audit", manifest, hash_threshold=0, cosine_threshold=1.0, embeddings=False,
+                            val_fraction=0.25, seed=1, max_sheet_rows=0)
+    assert summary["images"] == 17 and summary["duplicate_groups"] == 2  # exactly the two planted copies, nothing else
+
+    with open(manifest, newline="") as handle:
+        rows = {row["path"]: row for row in csv.DictReader(handle)}
+    leaked_copy, valid_source = f"test/{hairline}/copy_of_valid.png", f"valid/{hairline}/0.png"
+    assert rows[leaked_copy]["group"] == rows[valid_source]["group"]
+    assert rows[valid_source]["split"] in ("train", "validation")
+    assert rows[leaked_copy]["split"] == "test_leaked"
+    assert rows[f"test/{avulsion}/copy_of_train.png"]["split"] == "test_leaked"
+    assert {path for path, row in rows.items() if row["split"] == "clean_test"} == {f"test/{name.replace(' ', '_')}/0.png" for name in CLASSES}
+
+    data = load_splits(root, split_manifest=manifest)
+    assert data.grouped and data.layout == "roboflow"
+    relative = lambda split: {Path(p).relative_to(root).as_posix() for p in image_paths(data.splits[split])}
+    assert leaked_copy in relative("test") and leaked_copy not in relative("clean_test")
+    assert {k: sum(v.values()) for k, v in data.counts.items() if k in ("test", "clean_test")} == {"test": 5, "clean_test": 3}

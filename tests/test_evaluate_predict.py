@@ -6,14 +6,15 @@ import csv
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from bonebreak import evaluate as evaluation
-from bonebreak import predict
-from bonebreak.metrics import classification_metrics
-from conftest import REPO, write_image
+from bonebreak.commands import evaluate as evaluation
+from bonebreak.commands import predict
+from bonebreak.evaluation.metrics import classification_metrics
+from conftest import REPO, SHIPPED_MODEL, write_image
 
 
 def test_metrics_on_a_known_case():
@@ -27,7 +28,7 @@ def test_metrics_on_a_known_case():
 
 
 def test_bootstrap_intervals_cover_the_estimate_and_shrink_with_n():
-    from bonebreak.metrics import bootstrap_intervals
+    from bonebreak.evaluation.metrics import bootstrap_intervals
 
     rng = np.random.default_rng(0)
     def case(n):
@@ -61,8 +62,9 @@ def test_evaluate_cli_writes_a_consistent_report(trained_vit, handful, tmp_path,
     assert len(list(csv.DictReader(open(out / "per_class.csv")))) == 10
     assert (out / "confusion_matrix.png").stat().st_size > 10_000
     assert metrics["macro_f1"] == saved["macro_f1"]
-    ood = json.loads((out / "ood.json").read_text())
-    assert ood["n_xrays"] == 10 and ood["n_photos"] >= 15 and 0.0 <= ood["auroc_photos_vs_xrays"] <= 1.0
+    assert not (out / "ood.json").exists()  # renamed in 0.6
+    xray_check = json.loads((out / "xray_check.json").read_text())
+    assert xray_check["n_xrays"] == 10 and xray_check["n_photos"] >= 15 and 0.0 <= xray_check["auroc_photos_vs_xrays"] <= 1.0
     assert "X-ray check: AUROC" in printed
     low, high = saved["ci95"]["accuracy"]
     assert low <= saved["accuracy"] <= high and "95% CI" in printed
@@ -85,10 +87,11 @@ def test_predict_cli_formats_and_error_rows(trained_vit, handful, tmp_path, caps
     assert "not a supported image" in rows["bad.jpg"]["error"] and "not found" in rows["missing.png"]["error"]
     good = rows[real.name]["predictions"]
     assert len(good) == 3 and good[0]["probability"] >= good[1]["probability"] >= good[2]["probability"]
+    assert rows[real.name]["xray_check"] in ("passed", "failed")  # the run fitted an X-ray check: its verdict is reported
 
     assert predict.main(["--model_path", str(trained_vit), "--format", "csv", "--top_k", "2", str(folder)]) == 0
     lines = list(csv.reader(capsys.readouterr().out.splitlines()))
-    assert lines[0] == ["path", "status", "label1", "probability1", "label2", "probability2", "unsure", "not_xray", "error"]
+    assert lines[0] == ["path", "status", "label1", "probability1", "label2", "probability2", "unsure", "xray_check", "error"]
     assert [row[1] for row in lines[1:]] == ["error", "ok"]
 
     assert predict.main(["--model_path", str(trained_vit), str(folder / "good.png")]) == 0
@@ -96,7 +99,7 @@ def test_predict_cli_formats_and_error_rows(trained_vit, handful, tmp_path, caps
 
 
 def test_predict_cli_exit_codes(trained_vit, tmp_path):
-    run = lambda *args: subprocess.run([sys.executable, "-m", "bonebreak.predict", *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+    run = lambda *args: subprocess.run([sys.executable, "-m", "bonebreak", "predict", *args], cwd=REPO, capture_output=True, text=True, timeout=300)
     missing = run("--model_path", str(trained_vit), str(tmp_path / "nothing.png"))
     assert missing.returncode == 2 and "none of the given paths exist" in missing.stderr
     write_image(tmp_path / "x.png", 3)
@@ -104,6 +107,23 @@ def test_predict_cli_exit_codes(trained_vit, tmp_path):
     assert no_model.returncode == 1 and "checkpoint folder" in no_model.stderr
     bad_flag = run("--format", "xml", str(tmp_path / "x.png"))
     assert bad_flag.returncode != 0 and "--format" in bad_flag.stderr
+
+
+def test_predict_runs_the_xray_check_on_the_shipped_model(tmp_path, capsys):
+    """`bonebreak predict` says whether each image passed the X-ray check: a photo fails it, an X-ray passes."""
+    from bonebreak.evaluation.xray_check_quality import natural_photos
+
+    photos = natural_photos()
+    for name, photo in photos[:3]:
+        photo.convert("RGB").save(tmp_path / f"{name}.jpg")
+    xrays = [REPO / "examples" / name for name in ("spiral_fracture.jpg", "greenstick_fracture.jpg", "avulsion_fracture.jpg")]
+    assert predict.main(["--model_path", str(SHIPPED_MODEL), "--format", "json", str(tmp_path), *map(str, xrays)]) == 0
+    rows = {Path(row["path"]).name: row for row in json.loads(capsys.readouterr().out)}
+    assert len(rows) == 6 and all(row["error"] is None and len(row["predictions"]) == 3 for row in rows.values())
+    for name, _ in photos[:3]:
+        assert rows[f"{name}.jpg"]["xray_check"] == "failed", name
+    for xray in xrays:
+        assert rows[xray.name]["xray_check"] == "passed", xray.name
 
 
 def test_evaluate_all_splits_side_by_side_with_cv(trained_vit, handful, tmp_path, capsys):
@@ -123,7 +143,10 @@ def test_evaluate_all_splits_side_by_side_with_cv(trained_vit, handful, tmp_path
 
 
 def test_the_leak_is_claimed_only_where_the_audit_found_it():
-    from bonebreak.evaluation import CLEAN_NOTE, LEAKAGE_NOTE, UNAUDITED_NOTE, comparison_table, split_note
+    from bonebreak.common.notices import CLEAN_TEST as CLEAN_NOTE
+    from bonebreak.common.notices import LEAKAGE as LEAKAGE_NOTE
+    from bonebreak.common.notices import UNAUDITED as UNAUDITED_NOTE
+    from bonebreak.evaluation.reports import comparison_table, split_note
 
     audited = {"train": 1, "validation": 1, "test": 1, "clean_test": 1}  # the shipped manifest matched: bone-break itself
     assert split_note("test", audited) == LEAKAGE_NOTE and split_note("clean_test", audited) == CLEAN_NOTE

@@ -10,8 +10,7 @@ import pytest
 
 from benchmarks.gpu import inference_report, write_random_init
 from benchmarks.records import write_report
-from bonebreak.data import image_paths, load_splits
-from bonebreak.inference import Predictor
+from bonebreak.data.loading import image_paths, load_splits
 
 
 def test_inference_report_times_both_batches_and_the_cpu_onnx_backend(trained_vit, handful, tmp_path):

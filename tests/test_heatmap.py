@@ -1,45 +1,70 @@
 """The heat map ("where the model looked") is right, not just present.
 
 For the shipped EfficientNet-Lite0 the map comes from the classifying forward pass (CAM: the
-class's head weights times the last feature map). These tests pin it to references computed
-another way, so that a map that is all zeros, uniform, or for the wrong class fails.
+class's head weights times the last feature map, the network's ``class_maps`` output). These tests
+pin it to references computed another way, so that a map that is all zeros, uniform, or for the
+wrong class fails.
 """
 
 from __future__ import annotations
 
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from bonebreak.inference import Predictor
-from bonebreak.ui import Classifier, OutputImages, overlay_heatmap
+from bonebreak.common.checkpoint_format import CLASS_MAPS
+from bonebreak.models.torch_backend import TorchForward
+from bonebreak.serving.heatmaps import overlay_heatmap, upsample
+from bonebreak.serving.loader import load_predictor
+from bonebreak.serving.onnx_runtime import OnnxForward
+from bonebreak.serving.predictor import Predictor
+from bonebreak.serving.ui import OutputImages, RequestHandler
 from conftest import REPO, SHIPPED_MODEL
 
 EXAMPLES = sorted((REPO / "examples").glob("*.jpg"))
 ALPHA = 0.45  # overlay_heatmap's default blend
 
 
+ON_CPU = partial(TorchForward.from_checkpoint, device="cpu")
+
+
 @pytest.fixture(scope="module")
 def torch_predictor() -> Predictor:
-    return Predictor.from_checkpoint(SHIPPED_MODEL, device="cpu", backend="torch", calibrated=False)
+    predictor = load_predictor(SHIPPED_MODEL, "torch", ON_CPU, calibrated=False)
+    assert isinstance(predictor.forward, TorchForward)
+    return predictor
 
 
 @pytest.fixture(scope="module")
 def onnx_predictor() -> Predictor:
-    return Predictor.from_checkpoint(SHIPPED_MODEL, device="cpu", backend="onnx", calibrated=False)
+    predictor = load_predictor(SHIPPED_MODEL, "onnx", ON_CPU, calibrated=False)
+    assert isinstance(predictor.forward, OnnxForward)
+    return predictor
+
+
+def model_input(predictor: Predictor, image: Image.Image) -> torch.Tensor:
+    """The image as the predictor's network takes it: a (1, 3, H, W) tensor."""
+    return torch.from_numpy(predictor.pixels([image]))
+
+
+def classic_grad_cam(predictor: Predictor, image: Image.Image, label: str) -> np.ndarray:
+    """Grad-CAM from the PyTorch backend's own forward and backward pass, upsampled to the input and scaled to 0..1."""
+    pixels = predictor.pixels([image])
+    return upsample(predictor.forward.grad_cam(pixels, predictor.labels.index(label)), pixels.shape[-2:])
 
 
 def hooked_grad_cam(predictor: Predictor, image: Image.Image, target: int) -> np.ndarray:
     """Textbook Grad-CAM, written independently of bonebreak: a hook on the layer whose output feeds
     the pooled head (EfficientNet's bn2), the model's own transformers forward, a backward pass,
     channel weights = mean gradient, relu, bilinear upsampling, scaled to 0..1."""
-    model = predictor.model
+    model = predictor.forward.model
     captured = {}
     handle = model.timm_model.bn2.register_forward_hook(lambda module, inputs, output: captured.update(features=output))
     try:
-        pixels = predictor.transform(image).unsqueeze(0)
+        pixels = model_input(predictor, image)
         with torch.enable_grad():
             logits = model(pixel_values=pixels).logits
             (gradients,) = torch.autograd.grad(logits[0, target], captured["features"])
@@ -53,12 +78,12 @@ def hooked_grad_cam(predictor: Predictor, image: Image.Image, target: int) -> np
 
 def weights_times_features(predictor: Predictor, image: Image.Image, target: int) -> np.ndarray:
     """CAM from its definition, in numpy: relu(sum_c W[target, c] * F[c]) of the PyTorch model."""
-    timm_model = predictor.model.timm_model
+    timm_model = predictor.forward.model.timm_model
     with torch.inference_mode():
-        features = timm_model.forward_features(predictor.transform(image).unsqueeze(0))[0].numpy()
+        features = timm_model.forward_features(model_input(predictor, image))[0].numpy()
     weights = timm_model.get_classifier().weight.detach().numpy()[target]
     cam = np.maximum((weights[:, None, None] * features).sum(axis=0), 0)
-    size = predictor.transform(image).shape[-2:]
+    size = model_input(predictor, image).shape[-2:]
     cam = torch.nn.functional.interpolate(torch.from_numpy(cam)[None, None], size=tuple(size), mode="bilinear", align_corners=False)[0, 0]
     return (cam / cam.max()).numpy()
 
@@ -76,7 +101,7 @@ def test_single_forward_cam_equals_classic_grad_cam(torch_predictor, example):
     target = torch_predictor.labels.index(analysis.heatmap_label)
     assert_informative(analysis.heatmap)
     np.testing.assert_allclose(analysis.heatmap, hooked_grad_cam(torch_predictor, image, target), atol=1e-4)
-    _, classic = torch_predictor.grad_cam(image, label=analysis.heatmap_label)  # our own forward + backward
+    classic = classic_grad_cam(torch_predictor, image, analysis.heatmap_label)  # our own forward + backward
     np.testing.assert_allclose(analysis.heatmap, classic, atol=1e-4)
 
 
@@ -97,7 +122,7 @@ def test_heatmap_is_for_the_asked_class(torch_predictor):
 
 
 def test_onnx_backend_heatmap_equals_torch_backend(torch_predictor, onnx_predictor):
-    assert onnx_predictor.backend == "onnx" and "features" in onnx_predictor.onnx.output_names
+    assert CLASS_MAPS in onnx_predictor.forward.output_names and CLASS_MAPS in torch_predictor.forward.output_names
     for example in EXAMPLES:
         image = Image.open(example).convert("RGB")
         eager, onnx = torch_predictor.analyse(image), onnx_predictor.analyse(image)
@@ -112,7 +137,7 @@ def heat_colours(picture: Image.Image, view: Image.Image) -> np.ndarray:
 
 
 def test_app_heatmap_picture_shows_a_real_map_for_the_top_class(onnx_predictor, tmp_path):
-    classify = Classifier(onnx_predictor, outputs=OutputImages(folder=tmp_path))
+    classify = RequestHandler(onnx_predictor, outputs=OutputImages(folder=tmp_path))
     example = REPO / "examples" / "spiral_fracture.jpg"
     labels, _, shown = classify(str(example), True)
     picture = Image.open(shown).convert("RGB")
@@ -139,11 +164,12 @@ def test_a_flat_map_fails_these_checks(torch_predictor):
 
 
 def test_vit_gets_grad_cam_from_its_classifying_forward(tiny_vit):
-    predictor = Predictor.from_checkpoint(tiny_vit, device="cpu", calibrated=False)
-    assert predictor.cam_weights is None  # tokens, not a pooled feature map: Grad-CAM with a backward pass
+    predictor = load_predictor(tiny_vit, "torch", ON_CPU, calibrated=False)
+    # tokens, not a pooled feature map: no class maps, Grad-CAM with a backward pass
+    assert CLASS_MAPS not in predictor.forward.output_names and predictor.grad_cam is not None and predictor.heatmaps_available
     image = Image.open(EXAMPLES[0]).convert("RGB")
     analysis = predictor.analyse(image)
-    _, classic = predictor.grad_cam(image, label=analysis.heatmap_label)
+    classic = classic_grad_cam(predictor, image, analysis.heatmap_label)
     assert analysis.heatmap.shape == (64, 64) and analysis.heatmap_label == analysis.prediction.top_label
     np.testing.assert_allclose(analysis.heatmap, classic, atol=1e-5)
     expected = predictor.predict(image).probabilities

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bonebreak.images import DecodeLimits, ImageLoadError, load_image
+from bonebreak.data.decode import DecodeLimits, ImageLoadError, load_image
 from conftest import bomb_png, gradient16, make_dicom, synthetic_xray
 
 

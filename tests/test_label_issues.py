@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 from conftest import write_manifest
 
-from bonebreak import label_issues
-from bonebreak.data import image_paths, load_splits
-from bonebreak.experiment_table import METRICS, latest_per_seed, paired_table, write_table
-from bonebreak.label_quality import score_labels
-from bonebreak.protocol import paired_gain
-from bonebreak.training import main
-from bonebreak.training_set import edit_training_split
+from bonebreak.commands import label_issues
+from bonebreak.commands.train import main
+from bonebreak.data.loading import image_paths, load_splits
+from bonebreak.data.training_edits import edit_training_split
+from bonebreak.lab.label_issues import score_labels
+from bonebreak.lab.protocol import paired_gain
+from bonebreak.lab.results_table import METRICS, latest_per_seed, paired_table, write_table
 
 
 def rows_of(path: Path) -> list[dict[str, str]]:

@@ -8,8 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from bonebreak.models import ModelLoadError, available_models, create_model, efficientnet_lite, load_checkpoint, save_checkpoint
-from bonebreak.transforms import eval_transform, preprocess_config_from_processor
+from bonebreak.common.checkpoint_format import ModelLoadError
+from bonebreak.models.checkpoints import load_checkpoint, save_checkpoint
+from bonebreak.models.factory import available_models, create_model, efficientnet_lite, preprocess_config_of
+from bonebreak.training.augment import eval_transform
 
 LABELS = ["Avulsion", "Greenstick", "Spiral"]
 
@@ -17,7 +19,7 @@ LABELS = ["Avulsion", "Greenstick", "Spiral"]
 def imagenet_top5(model, processor, image: Image.Image) -> list[str]:
     import timm.data
 
-    cfg = preprocess_config_from_processor(processor)
+    cfg = preprocess_config_of(model, processor)
     with torch.no_grad():
         logits = model.eval()(pixel_values=eval_transform(cfg)(image)[None]).logits[0]
     info = timm.data.ImageNetInfo()
@@ -26,10 +28,10 @@ def imagenet_top5(model, processor, image: Image.Image) -> list[str]:
 
 def test_efficientnet_lite0_weights_are_mapped_correctly():
     """The packaged ImageNet weights must recognise ImageNet things, or the mapping is wrong."""
-    from bonebreak.ood import PHOTOS_DIR
+    from bonebreak.evaluation.xray_check_quality import PHOTOS_DIR
 
     model, processor = efficientnet_lite(0)
-    assert preprocess_config_from_processor(processor).mean == (0.5, 0.5, 0.5)
+    assert preprocess_config_of(model, processor).mean == (0.5, 0.5, 0.5)
     coffee = imagenet_top5(model, processor, Image.open(PHOTOS_DIR / "coffee.jpg").convert("RGB"))
     cat = imagenet_top5(model, processor, Image.open(PHOTOS_DIR / "chelsea.jpg").convert("RGB"))
     assert coffee[0] == "espresso"
@@ -40,7 +42,7 @@ def test_registry_builds_new_head_and_image_size():
     assert {"efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"} <= set(available_models())
     model, processor = create_model("efficientnet_lite0", LABELS, image_size=160)
     assert model.config.id2label == {0: "Avulsion", 1: "Greenstick", 2: "Spiral"}
-    assert preprocess_config_from_processor(processor).image_size == 160
+    assert preprocess_config_of(model, processor).image_size == 160
     with torch.no_grad():
         assert model(pixel_values=torch.zeros(2, 3, 160, 160)).logits.shape == (2, 3)
     reference, _ = efficientnet_lite(0)
@@ -63,12 +65,12 @@ def test_missing_hub_model_says_how_to_supply_a_folder():
 def test_local_folder_models_get_our_labels(request, fixture, tmp_path):
     model, processor = create_model(str(request.getfixturevalue(fixture)), LABELS, image_size=64)
     assert model.config.label2id == {"Avulsion": 0, "Greenstick": 1, "Spiral": 2}
-    cfg = preprocess_config_from_processor(processor)
+    cfg = preprocess_config_of(model, processor)
     assert cfg.image_size == 64
     save_checkpoint(model, processor, tmp_path / "ckpt")
     loaded, loaded_processor = load_checkpoint(tmp_path / "ckpt")
     assert loaded.config.id2label[2] == "Spiral"
-    assert preprocess_config_from_processor(loaded_processor) == cfg
+    assert preprocess_config_of(loaded, loaded_processor) == cfg
     pixels = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(loaded(pixel_values=pixels).logits, model.eval()(pixel_values=pixels).logits)
@@ -99,7 +101,7 @@ def test_checkpoint_is_replaced_atomically_and_errors_name_the_file(tmp_path):
 
 @pytest.mark.parametrize("name", ["efficientnet_lite0", "tiny_vit", "tiny_convnext"])
 def test_temperature_folded_into_the_head_divides_the_logits(request, name):
-    from bonebreak.calibration import fold_temperature
+    from bonebreak.evaluation.calibration import fold_temperature
 
     model, _ = create_model(name if name.startswith("efficientnet") else str(request.getfixturevalue(name)), LABELS, image_size=64)
     model.eval()

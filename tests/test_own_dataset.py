@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from bonebreak.inference import Predictor
-from bonebreak.ui import Classifier, build_demo, describe, introduction
+from bonebreak.models.torch_backend import load_classifier
+from bonebreak.serving.ui import RequestHandler, build_demo, describe, introduction
 from conftest import REPO
 
 # Roboflow folder names as a user might have them: none is one of the ten shipped types.
@@ -58,7 +58,7 @@ def test_training_goes_to_a_new_run_folder_and_says_how_to_serve_it(own_run):
     assert "| test split (not audited for near-duplicates of train) | 3 |" in stdout and "published Test" not in stdout
     metrics = json.loads((folder / "metrics.json").read_text())
     assert metrics["labels"] == sorted(CLASSES.values()) and metrics["layout"] == "roboflow"
-    assert not metrics["grouped_splits"] and "ood" in metrics
+    assert not metrics["grouped_splits"] and "xray_check" in metrics
 
 
 @pytest.fixture(scope="module")
@@ -69,13 +69,13 @@ def run_folder(own_run) -> Path:
 
 def test_evaluate_and_predict_clis_work_on_the_own_model(run_folder, roboflow_export, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    evaluate = subprocess.run([sys.executable, "-m", "bonebreak.evaluate", "--model_path", str(run_folder), "--data_dir",
+    evaluate = subprocess.run([sys.executable, "-m", "bonebreak", "evaluate", "--model_path", str(run_folder), "--data_dir",
                                str(roboflow_export), "--report_dir", str(tmp_path / "report")],
                               cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert evaluate.returncode == 0, evaluate.stderr[-2000:]
     assert "on test" in evaluate.stdout  # no manifest here, so the default split is the folder's own test split
     assert json.loads((tmp_path / "report" / "metrics.json").read_text())["n"] == 3
-    predict = subprocess.run([sys.executable, "-m", "bonebreak.predict", "--model_path", str(run_folder), "--format", "json",
+    predict = subprocess.run([sys.executable, "-m", "bonebreak", "predict", "--model_path", str(run_folder), "--format", "json",
                               str(roboflow_export / "test")], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert predict.returncode == 0, predict.stderr[-2000:]
     assert "inference backend ONNX Runtime" in predict.stderr  # the CLI says what it runs on
@@ -84,10 +84,10 @@ def test_evaluate_and_predict_clis_work_on_the_own_model(run_folder, roboflow_ex
 
 
 def test_app_serves_unknown_labels_without_fracture_text(run_folder, roboflow_export):
-    predictor = Predictor.from_checkpoint(run_folder, device="cpu")
-    assert predictor.ood is not None  # fitted on this dataset's own images
-    predictor.ood = None  # with 3 validation images the check may flag anything: the text is under test here
-    classify = Classifier(predictor)
+    predictor = load_classifier(run_folder, backend="torch", device="cpu")
+    assert predictor.xray_check is not None  # fitted on this dataset's own images
+    predictor.xray_check = None  # with 3 validation images the check may flag anything: the text is under test here
+    classify = RequestHandler(predictor)
     image = next((roboflow_export / "test").rglob("*.jpg"))
     labels, text, heatmap = classify(str(image), True)
     assert len(labels) == 3 and set(labels) == set(CLASSES.values()) and Path(heatmap).is_file()

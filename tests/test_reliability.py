@@ -1,4 +1,5 @@
-"""Killed training resumes; checkpoints are never half-written; broken training files are skipped."""
+"""Killed training resumes; checkpoints are never half-written; broken training files are skipped.
+(Which saved checkpoint a resume picks is tests/test_resume_point.py.)"""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from bonebreak.models import ModelLoadError, load_checkpoint, save_checkpoint
-from bonebreak.training import last_complete_checkpoint, main
+from bonebreak.commands.train import main
+from bonebreak.common.checkpoint_format import ModelLoadError
+from bonebreak.models.checkpoints import load_checkpoint, save_checkpoint
 from conftest import REPO
 
 
@@ -64,17 +66,6 @@ def test_sigkill_mid_epoch_then_resume_finishes(handful, tmp_path):
     assert model.config.num_labels == 10
 
 
-def test_last_complete_checkpoint_ignores_partial_saves(tmp_path):
-    for step, files in ((4, ["trainer_state.json", "model.safetensors", "optimizer.pt", "scheduler.pt"]),
-                        (8, ["model.safetensors", "optimizer.pt"]), (12, [])):
-        folder = tmp_path / f"checkpoint-{step}"
-        folder.mkdir()
-        for name in files:
-            (folder / name).write_text("x")
-    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-4")
-    assert last_complete_checkpoint(tmp_path / "checkpoint-12") is None
-
-
 def test_crash_while_saving_keeps_the_old_checkpoint(trained_vit, tmp_path, monkeypatch):
     target = tmp_path / "ckpt"
     shutil.copytree(trained_vit, target)
@@ -101,7 +92,9 @@ def test_only_safetensors_are_loaded_never_pickles(trained_vit, tmp_path):
     (target / "pytorch_model.bin").write_bytes(b"\x80\x04 a pickle that must never be opened")
     with pytest.raises(ModelLoadError, match="only safetensors"):
         load_checkpoint(target)
-    sources = "".join(p.read_text() for p in (REPO / "bonebreak").glob("*.py"))
+    files = sorted((REPO / "bonebreak").rglob("*.py"))
+    assert len(files) > 50 and REPO / "bonebreak" / "models" / "checkpoints.py" in files  # every sub-package's code
+    sources = "".join(p.read_text() for p in files)
     assert "trust_remote_code=True" not in sources
     assert sources.count("torch.load(") == sources.count("weights_only=True)")
 

@@ -1,52 +1,34 @@
 """The README's "Deploy as a Space" command: it uploads exactly what the Space needs, and a folder
-holding only those files (from the committed tree) serves predictions like a Space would."""
+holding only those files (from the committed tree) serves predictions like a Space would. (That the
+installed `hf` CLI reads the command as meant is tests/test_space_command.py.)"""
 
 from __future__ import annotations
 
 import io
 import os
 import re
-import shlex
 import subprocess
 import sys
 import tarfile
 from pathlib import Path, PurePosixPath
-from unittest import mock
 
 import pytest
 from huggingface_hub import metadata_load
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
 
 from conftest import REPO, start_app
+from test_space_command import README, patterns, upload_command  # the README command, parsed (its fast tests are there)
 
-README = REPO / "README.md"
 MODEL_DIR = "checkpoints/bone_break_model/"
 NEVER = (".ci/", ".venv/", "tests/", "benchmarks/", "scripts/", "splits/", "reports/", "runs/", "data/", ".gradio/", ".git/")
 LOCAL_JUNK = [  # files a working checkout has besides the tracked ones; hf upload reads the folder, not git
-    ".git/config", ".venv/lib/python3.11/site-packages/torch/__init__.py", "bonebreak/__pycache__/ui.cpython-311.pyc",
-    "bonebreak/assets/photos/__pycache__/x.cpython-311.pyc", "checkpoints/bone_break_model/checkpoint-10/model.safetensors",
+    ".git/config", ".venv/lib/python3.11/site-packages/torch/__init__.py", "bonebreak/__pycache__/__init__.cpython-311.pyc",
+    "bonebreak/serving/__pycache__/ui.cpython-311.pyc", "bonebreak/evaluation/assets/photos/__pycache__/x.cpython-311.pyc",
+    "checkpoints/bone_break_model/checkpoint-10/model.safetensors",
     "checkpoints/bone_break_model/runs/Nov26/events.out.tfevents", "checkpoints/bone_break_model.trainer/optimizer.pt",
     "reports/bone_break_model-test/metrics.json", "runs/cv5/cv.json", "tests/artifacts/app.png", ".gradio/flagged/log.csv",
     "data/bone-break/Spiral Fracture/Train/a.jpg", "tests/__pycache__/conftest.cpython-311.pyc", ".pytest_cache/README.md",
 ]
-
-
-def upload_command() -> list[str]:
-    """The one `hf upload` command of README.md's fenced code blocks (backslash continuations joined)."""
-    blocks = re.findall(r"^```[^\n]*\n(.*?)^```", README.read_text(), flags=re.M | re.S)
-    lines = [line.strip() for block in blocks for line in block.replace("\\\n", " ").splitlines()]
-    commands = [line for line in lines if line.startswith("hf upload ")]
-    assert len(commands) == 1, f"expected one `hf upload` command in README.md, found {commands}"
-    return shlex.split(commands[0], comments=True)
-
-
-def patterns(command: list[str]) -> tuple[list[str], list[str]]:
-    include, exclude = [], []
-    for flag, value in zip(command, command[1:]):
-        if flag in ("--include", "--exclude"):
-            (include if flag == "--include" else exclude).append(value)
-    assert not any(arg.startswith(("--include=", "--exclude=")) for arg in command), "use `--include PATTERN`"
-    return include, exclude
 
 
 def uploaded(paths: list[str], include: list[str], exclude: list[str]) -> list[str]:
@@ -67,36 +49,13 @@ def readme_images() -> set[str]:
 
 
 def needed(files: list[str]) -> set[str]:
-    """Every tracked file the Space needs."""
+    """Every tracked file the Space needs: the package's code and data files in every sub-package, and its assets."""
     def want(path: str) -> bool:
         p = PurePosixPath(path)
         return (path in {"app.py", "requirements.txt", "README.md", "LICENSE"} or path in readme_images()
-                or (p.parent.as_posix() == "bonebreak" and p.suffix in {".py", ".json"})
-                or path.startswith(("bonebreak/assets/", MODEL_DIR, "examples/")))
+                or (p.parts[0] == "bonebreak" and p.suffix in {".py", ".json"})
+                or path.startswith(("bonebreak/evaluation/assets/", MODEL_DIR, "examples/")))
     return {path for path in files if want(path)}
-
-
-def test_readme_command_parses_as_the_installed_cli_reads_it():
-    """Run the README command through the real `hf` CLI with the network calls replaced."""
-    from huggingface_hub import HfApi
-    from huggingface_hub.cli.hf import app
-
-    command = upload_command()
-    assert command[:2] == ["hf", "upload"] and command[3] == "." and "--repo-type" in command
-    calls = {}
-
-    class Created:
-        repo_id = command[2]
-
-    with mock.patch.object(HfApi, "create_repo", lambda self, **kw: calls.update(create=kw) or Created()), \
-         mock.patch.object(HfApi, "upload_folder", lambda self, **kw: calls.update(upload=kw) or "https://example.invalid"):
-        app.main(command[1:], standalone_mode=False)
-    include, exclude = patterns(command)
-    assert calls["create"]["repo_type"] == "space" and calls["create"]["space_sdk"] == "gradio"
-    upload = calls["upload"]
-    assert (upload["folder_path"], upload["path_in_repo"], upload["repo_type"]) == (".", ".", "space")
-    assert upload["allow_patterns"] == include and upload["ignore_patterns"] == exclude
-    assert upload["delete_patterns"] is None
 
 
 def test_upload_takes_exactly_what_the_space_needs():
@@ -104,8 +63,10 @@ def test_upload_takes_exactly_what_the_space_needs():
     files = tracked_files()
     sent = uploaded(files, include, exclude)
     want = needed(files)
-    for name in ("app.py", "requirements.txt", "README.md", "LICENSE", "bonebreak/ui.py", "bonebreak/fracture_info.json",
-                 *(MODEL_DIR + f for f in ("model.safetensors", "model.onnx", "config.json", "ood.safetensors", "README.md")),
+    for name in ("app.py", "requirements.txt", "README.md", "LICENSE", "bonebreak/__init__.py", "bonebreak/serving/ui.py",
+                 "bonebreak/commands/app.py", "bonebreak/serving/fracture_info.json",
+                 *(MODEL_DIR + f for f in ("model.safetensors", "model.onnx", "config.json", "xray_check.safetensors",
+                                           "xray_check.onnx", "README.md")),
                  "examples/spiral_fracture.jpg", "examples/ATTRIBUTION.md"):
         assert name in want, f"{name} is not tracked"
     assert sorted(want - set(sent)) == [], "files the Space needs that the command leaves out"

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from ..common.files import file_sha256
 from ..data.decode import ImageLoadError, load_image
+from ..data.preprocess import preprocess
 from ..data.splits import Sample
 from ..models.embedder import embed_pixels, imagenet_embedder
 
@@ -131,7 +132,7 @@ def extract_features(samples: Sequence[Sample], embed: bool = True, batch_size: 
     """Decode each file once; hash it and (optionally) embed it in batches."""
     import torch
 
-    model, transform = imagenet_embedder() if embed else (None, None)
+    model, cfg = imagenet_embedder() if embed else (None, None)
     kept: list[Sample] = []
     exact: list[str] = []
     hashes: list[np.ndarray] = []
@@ -148,12 +149,12 @@ def extract_features(samples: Sequence[Sample], embed: bool = True, batch_size: 
         kept.append(sample)
         exact.append(file_sha256(sample.path))
         hashes.append(image_hashes(image))
-        if transform is not None:
-            pending.append(transform(embedding_input(image)))
+        if cfg is not None:
+            pending.append(torch.from_numpy(preprocess(embedding_input(image), cfg)))
             if len(pending) == batch_size:
                 chunks.append(embed_pixels(model, torch.stack(pending)))
                 pending = []
-    if transform is not None and pending:
+    if cfg is not None and pending:
         chunks.append(embed_pixels(model, torch.stack(pending)))
     embeddings = np.concatenate(chunks) if chunks else (np.zeros((0, 1)) if embed else None)
     hash_array = np.stack(hashes) if hashes else np.zeros((0, 2, 8, 64), dtype=bool)

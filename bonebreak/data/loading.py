@@ -127,7 +127,7 @@ def load_splits(
 ) -> LoadedData:
     """Scan, validate and split a dataset folder into train/validation/test(/clean_test) ``datasets``.
 
-    With a grouped manifest (``python -m bonebreak.audit``; "auto" picks the shipped one when
+    With a grouped manifest (``bonebreak audit``; "auto" picks the shipped one when
     it lists every file), near-duplicates never straddle train/validation, and "clean_test"
     holds the published Test images that have no near-copy in Train. Otherwise, when the
     folder has no validation split, one is carved out of train (stratified, seeded). Test
@@ -179,7 +179,7 @@ def image_paths(dataset: datasets.Dataset) -> list[str]:
 def one_per_group(dataset: datasets.Dataset, data: LoadedData) -> datasets.Dataset:
     """Keep the first image (in path order) of every near-duplicate group of the manifest."""
     if not data.grouped:
-        raise ValueError("--dedup_groups needs the grouped split manifest (--split_manifest, see `python -m bonebreak.audit`)")
+        raise ValueError("--dedup_groups needs the grouped split manifest (--split_manifest, see `bonebreak audit`)")
     group_of = read_manifest_groups(data.manifest, data.root)
     paths = image_paths(dataset)
     first: dict[str, int] = {}
@@ -191,7 +191,7 @@ def one_per_group(dataset: datasets.Dataset, data: LoadedData) -> datasets.Datas
 def cv_fold_data(data: LoadedData, k: int, seed: int) -> list[LoadedData]:
     """Grouped, stratified k folds over the Train folder (train + validation of the manifest)."""
     if not data.grouped:
-        raise ValueError("--cv_folds needs the grouped split manifest (--split_manifest, see `python -m bonebreak.audit`)")
+        raise ValueError("--cv_folds needs the grouped split manifest (--split_manifest, see `bonebreak audit`)")
     pool = datasets.concatenate_datasets([data.splits["train"], data.splits["validation"]])
     paths = [Path(p) for p in image_paths(pool)]
     group_of = read_manifest_groups(data.manifest, data.root)

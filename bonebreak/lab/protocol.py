@@ -1,6 +1,6 @@
 """The selection protocol: a recipe against the baseline on the same grouped CV folds, fold by fold.
 
-Repeated grouped K-fold CV (``python -m bonebreak.experiments --recipes R --cv 5 --seed 42 43``) scores
+Repeated grouped K-fold CV (``bonebreak experiments --recipes R --cv 5 --seed 42 43``) scores
 every recipe on identical held-out folds (the seed draws the folds; near-duplicate groups never straddle
 them; held-out images keep their original labels). Fold difficulty varies far more than recipes do, so
 the comparison is paired: the gain is recipe minus baseline on the same (seed, fold), and its 95%

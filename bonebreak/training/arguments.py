@@ -269,9 +269,12 @@ def read_recipe(name_or_path: str | os.PathLike) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def parse_arguments(argv: list[str] | None = None, prog: str | None = None, description: str | None = None) -> Arguments:
-    """The command line (default: sys.argv) into the three argument dataclasses; ``--recipe FILE`` first, then the flags."""
+def parse_arguments(argv: list[str] | None = None, prog: str | None = None, description: str | None = None,
+                    defaults: dict[str, Any] | None = None) -> Arguments:
+    """The command line (default: sys.argv) into the three argument dataclasses: ``defaults`` (what the training set-up
+    decided for this machine, ``setup.machine_defaults``), then ``--recipe FILE``, then the flags."""
     parser = argument_parser(*ARGUMENT_TYPES, prog=prog, description=description)
+    parser.set_defaults(**(defaults or {}))
     early = argparse.ArgumentParser(add_help=False)
     early.add_argument("--recipe")
     known, _ = early.parse_known_args(argv)

@@ -43,6 +43,13 @@ def precision_of(args: BoneBreakTrainingArguments) -> str:
     return "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
 
 
+def machine_defaults() -> dict[str, bool]:
+    """Settings that must be known before ``TrainingArguments`` exists: Transformers sets up the device (and Accelerate
+    the process group) while constructing it, so a CPU-only machine has to say use_cpu first, or each process of a
+    multi-process CPU launch would train on its own."""
+    return {"use_cpu": not torch.cuda.is_available()}
+
+
 def for_this_machine(args: BoneBreakTrainingArguments) -> BoneBreakTrainingArguments:
     """--precision resolved to Transformers' --bf16/--fp16, and --use_cpu set where there is no GPU to use.
 

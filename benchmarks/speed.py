@@ -35,7 +35,7 @@ from transformers import TrainerCallback
 
 from benchmarks.records import write_report
 from benchmarks.timing import percentiles_ms, time_calls
-from bonebreak.commands.serving_setup import load_served
+from bonebreak.models.serving_backend import load_served
 from bonebreak.common.checkpoint_format import ONNX_FILE, SHIPPED_MODEL
 from bonebreak.data.layouts import resolve_data_dir
 from bonebreak.data.loading import image_paths, load_splits

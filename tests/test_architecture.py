@@ -19,7 +19,7 @@ MAX_LINES = 350
 MAX_MODULES_PER_FOLDER = 12
 # Lazy imports that are the point: the console command loads a command only when it runs, and a serving-only
 # install (no PyTorch) must be able to run the app.
-LAZY_IMPORTS_ALLOWED = {"commands/__init__.py", "commands/serving_setup.py"}
+LAZY_IMPORTS_ALLOWED = {"commands/__init__.py", "models/serving_backend.py"}
 
 
 def package_files() -> list[Path]:
@@ -48,7 +48,7 @@ def test_every_folder_says_what_it_does_and_stays_small():
         docstring = ast.get_docstring(ast.parse((folder / "__init__.py").read_text())) or ""
         assert len(docstring) > 40, f"{folder.name}/__init__.py needs a docstring saying what the folder is for"
         modules = [p for p in folder.glob("*.py") if p.name != "__init__.py"]
-        limit = MAX_MODULES_PER_FOLDER + (1 if folder.name == "commands" else 0)  # one module per command, and their loader
+        limit = MAX_MODULES_PER_FOLDER + (1 if folder.name == "commands" else 0)  # one module per subcommand, nothing else
         assert len(modules) <= limit, f"{folder.name}/ has {len(modules)} modules: split it by job"
 
 

@@ -1,122 +1,86 @@
-"""The README's "Deploy as a Space" command: it uploads exactly what the Space needs, and a folder
-holding only those files (from the committed tree) serves predictions like a Space would. (That the
-installed `hf` CLI reads the command as meant is tests/test_space_command.py.)"""
+"""The exported Space (`bonebreak export-space`), written for the shipped model: that the folder alone, with the
+training stack unimportable, answers `/predict` exactly as the full app does. (That the README's `hf upload`
+command uploads that folder as the installed CLI reads it is tests/test_space_command.py.)"""
 
 from __future__ import annotations
 
-import io
 import os
-import re
 import subprocess
 import sys
-import tarfile
-from pathlib import Path, PurePosixPath
+import textwrap
+from pathlib import Path
 
 import pytest
 from huggingface_hub import metadata_load
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
 
+from bonebreak.common.checkpoint_format import WEIGHTS_FILE
+from bonebreak.common.notices import RESEARCH_DEMO
+from bonebreak.serving.space_folder import write_space
 from conftest import REPO, start_app
-from test_space_command import README, patterns, upload_command  # the README command, parsed (its fast tests are there)
-
-MODEL_DIR = "checkpoints/bone_break_model/"
-NEVER = (".ci/", ".venv/", "tests/", "benchmarks/", "scripts/", "splits/", "reports/", "runs/", "data/", ".gradio/", ".git/")
-LOCAL_JUNK = [  # files a working checkout has besides the tracked ones; hf upload reads the folder, not git
-    ".git/config", ".venv/lib/python3.11/site-packages/torch/__init__.py", "bonebreak/__pycache__/__init__.cpython-311.pyc",
-    "bonebreak/serving/__pycache__/ui.cpython-311.pyc", "bonebreak/evaluation/assets/photos/__pycache__/x.cpython-311.pyc",
-    "checkpoints/bone_break_model/checkpoint-10/model.safetensors",
-    "checkpoints/bone_break_model/runs/Nov26/events.out.tfevents", "checkpoints/bone_break_model.trainer/optimizer.pt",
-    "reports/bone_break_model-test/metrics.json", "runs/cv5/cv.json", "tests/artifacts/app.png", ".gradio/flagged/log.csv",
-    "data/bone-break/Spiral Fracture/Train/a.jpg", "tests/__pycache__/conftest.cpython-311.pyc", ".pytest_cache/README.md",
-]
+from test_requirements import BLOCKER
+from test_requirements_pins import pins
+from test_space_folder import SHIPPED, TRAINING_STACK
 
 
-def uploaded(paths: list[str], include: list[str], exclude: list[str]) -> list[str]:
-    """What `hf upload . --include ... --exclude ...` takes out of these folder-relative paths: the same
-    filter and default ignores (.git) that HfApi.upload_folder applies."""
-    return list(filter_repo_objects(paths, allow_patterns=include, ignore_patterns=exclude + DEFAULT_IGNORE_PATTERNS))
+@pytest.fixture(scope="module")
+def space(tmp_path_factory) -> Path:
+    """The shipped model exported as a Space, the way the README's deploy section writes it."""
+    from bonebreak.commands import run
+
+    output = tmp_path_factory.mktemp("export") / "space"
+    run("export-space", ["--model_path", str(SHIPPED), "--output", str(output), "--examples_dir", str(REPO / "examples")])
+    return output
 
 
-def tracked_files() -> list[str]:
-    if not (REPO / ".git").exists():
-        pytest.skip(f"{REPO} is not a git checkout: no tracked tree to check the upload against")
-    out = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
-    return [p for p in out.decode().split("\0") if p]
+def test_the_folder_holds_what_the_space_needs_and_uploads_whole(space):
+    files = sorted(p.relative_to(space).as_posix() for p in space.rglob("*") if p.is_file())
+    assert {"app.py", "requirements.txt", "README.md", "LICENSE", "model/model.onnx", "model/xray_check.onnx", "model/config.json",
+            "model/xray_check.safetensors", "model/README.md", "bonebreak/serving/fracture_info.json", "examples/ATTRIBUTION.md",
+            "examples/spiral_fracture.jpg"} <= set(files)
+    assert f"model/{WEIGHTS_FILE}" not in files and not [f for f in files if "__pycache__" in f or f.endswith(".pyc")]
+    assert list(filter_repo_objects(files, ignore_patterns=DEFAULT_IGNORE_PATTERNS)) == files  # `hf upload space/` sends them all
+    assert 20e6 < sum((space / f).stat().st_size for f in files) < 40e6
+
+    meta = metadata_load(space / "README.md")
+    assert (meta["sdk"], meta["app_file"], meta["python_version"]) == ("gradio", "app.py", f"{sys.version_info.major}.{sys.version_info.minor}")
+    assert meta["sdk_version"] == pins(REPO / "requirements.txt")["gradio"].split("==")[1], "the Space's Gradio differs from requirements.txt"
+    page = (space / "README.md").read_text()
+    assert RESEARCH_DEMO in page and "### Intended use and limitations" in page and "CC BY 4.0" in page
+
+    again = write_space(SHIPPED, space, examples_dir=REPO / "examples", overwrite=True)  # an earlier export is replaced
+    assert sorted(again) == files
 
 
-def readme_images() -> set[str]:
-    return set(re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", README.read_text()))
-
-
-def needed(files: list[str]) -> set[str]:
-    """Every tracked file the Space needs: the package's code and data files in every sub-package, and its assets."""
-    def want(path: str) -> bool:
-        p = PurePosixPath(path)
-        return (path in {"app.py", "requirements.txt", "README.md", "LICENSE"} or path in readme_images()
-                or (p.parts[0] == "bonebreak" and p.suffix in {".py", ".json"})
-                or path.startswith(("bonebreak/evaluation/assets/", MODEL_DIR, "examples/")))
-    return {path for path in files if want(path)}
-
-
-def test_upload_takes_exactly_what_the_space_needs():
-    include, exclude = patterns(upload_command())
-    files = tracked_files()
-    sent = uploaded(files, include, exclude)
-    want = needed(files)
-    for name in ("app.py", "requirements.txt", "README.md", "LICENSE", "bonebreak/__init__.py", "bonebreak/serving/ui.py",
-                 "bonebreak/commands/app.py", "bonebreak/serving/fracture_info.json",
-                 *(MODEL_DIR + f for f in ("model.safetensors", "model.onnx", "config.json", "xray_check.safetensors",
-                                           "xray_check.onnx", "README.md")),
-                 "examples/spiral_fracture.jpg", "examples/ATTRIBUTION.md"):
-        assert name in want, f"{name} is not tracked"
-    assert sorted(want - set(sent)) == [], "files the Space needs that the command leaves out"
-    assert sorted(set(sent) - want) == [], "files the command uploads that the Space does not need"
-    assert not [p for p in sent if p.startswith(NEVER) or p == ".gitignore"]
-    assert uploaded(LOCAL_JUNK, include, exclude) == []
-
-    present = [REPO / p for p in sent if (REPO / p).is_file()]  # another checkout may lack a just-deleted file
-    total = sum(p.stat().st_size for p in present)
-    assert 25e6 < total < 60e6, f"{total / 1e6:.1f} MB"
-    pointers = [p for p in present if p.read_bytes()[:100].startswith(b"version https://git-lfs")]
-    assert pointers == [], "git-lfs pointer files instead of content"
-
-    meta = metadata_load(README)
-    assert meta["sdk"] == "gradio" and meta["app_file"] in sent and meta["python_version"]
-    pins = dict(line.split("==") for line in (REPO / "requirements.txt").read_text().splitlines() if "==" in line and not line.startswith("#"))
-    assert meta["sdk_version"] == pins["gradio"], "the Space's Gradio (sdk_version) differs from requirements.txt"
-
-
-def test_the_uploaded_files_alone_serve_predictions(tmp_path):
-    """The committed tree, cut down to what the command uploads, started the way a Space starts it."""
+def test_the_space_answers_like_the_full_app_with_the_training_stack_unimportable(space, tmp_path):
+    """Started the way a Space starts it, from its own folder; the full app's answer comes from the same request
+    handler with the repository's loader (ONNX Runtime there too, with PyTorch importable)."""
     from gradio_client import Client, handle_file
 
-    include, exclude = patterns(upload_command())
-    tracked_files()  # skips outside a git checkout
-    archive = subprocess.run(["git", "archive", "--format=tar", "HEAD"], cwd=REPO, capture_output=True, check=True).stdout
-    space = tmp_path / "space"
-    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-        tar.extractall(space, filter="data")
-    files = [p.relative_to(space).as_posix() for p in space.rglob("*") if p.is_file()]
-    keep = set(uploaded(files, include, exclude))
-    for path in set(files) - keep:
-        (space / path).unlink()
-    for folder in sorted((p for p in space.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
-        if not any(folder.iterdir()):
-            folder.rmdir()
-    assert {"app.py", "requirements.txt", MODEL_DIR + "model.onnx", "examples/spiral_fracture.jpg"} <= keep
-    assert not [name for name in ("splits", "tests", "benchmarks", "scripts", ".ci") if (space / name).exists()]
+    from bonebreak.models.serving_backend import load_served
+    from bonebreak.serving.ui import RequestHandler
 
-    env = {**os.environ, "GRADIO_SERVER_NAME": "0.0.0.0", "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
-    env.pop("PYTHONPATH", None)  # the app must import bonebreak from the Space folder, not from this checkout
-    where = subprocess.run([sys.executable, "-c", "import bonebreak; print(bonebreak.__file__)"], cwd=space, env=env,
-                           capture_output=True, text=True, check=True).stdout.strip()
-    assert Path(where).resolve() == (space / "bonebreak" / "__init__.py").resolve()
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(textwrap.dedent(BLOCKER.format(blocked=sorted(TRAINING_STACK))))
+    env = {**os.environ, "GRADIO_SERVER_NAME": "0.0.0.0", "PYTHONPATH": str(blocker)}  # no checkout on the path: the Space's own package
+    probe = "import bonebreak, importlib.util as u; print(bonebreak.__file__, u.find_spec('torch'))"
+    where, torch = subprocess.run([sys.executable, "-c", probe], cwd=space, env=env, capture_output=True, text=True, check=True).stdout.split()
+    assert Path(where).resolve() == (space / "bonebreak" / "__init__.py").resolve() and torch == "None"
+
+    full = RequestHandler(load_served(SHIPPED))
     process, url = start_app(space, env, tmp_path / "space.log")
     try:
         client = Client(url, verbose=False)
-        labels, text, heatmap = client.predict(handle_file(str(space / "examples" / "spiral_fracture.jpg")), True, api_name="/predict")
-        assert len(labels["confidences"]) == 3 and labels["label"] == labels["confidences"][0]["label"]
-        assert "fracture" in text and Path(heatmap).is_file() and Path(heatmap).stat().st_size > 0
+        for example in ("spiral_fracture.jpg", "greenstick_fracture.jpg", "avulsion_fracture.jpg"):
+            labels, text, heatmap = client.predict(handle_file(str(space / "examples" / example)), True, api_name="/predict")
+            want_labels, want_text, want_heatmap = full(str(REPO / "examples" / example), True)
+            got = {c["label"]: c["confidence"] for c in labels["confidences"]}
+            assert list(got) == list(want_labels) and text == want_text
+            assert max(abs(got[k] - want_labels[k]) for k in got) < 1e-5
+            assert Path(heatmap).read_bytes() == Path(want_heatmap).read_bytes()  # the same overlay, to the byte
     finally:
         process.terminate()
         process.wait(timeout=30)
+    log = (tmp_path / "space.log").read_text()
+    assert "ONNX Runtime serves every network" in log and "Traceback" not in log

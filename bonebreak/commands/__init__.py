@@ -21,6 +21,7 @@ COMMANDS = {
     "audit": ("audit", "find near-duplicate images and write leak-free grouped splits"),
     "calibrate": ("calibrate", "refit a checkpoint's temperature and X-ray check on its validation split"),
     "export": ("export", "write a checkpoint's ONNX files (model.onnx, xray_check.onnx)"),
+    "export-space": ("export_space", "write a Hugging Face Space folder that serves a checkpoint without PyTorch"),
     "model-card": ("model_card", "re-evaluate a checkpoint and rewrite its model card"),
     "add-member": ("add_member", "make a checkpoint an ensemble by adding another trained model"),
     "label-issues": ("label_issues", "rank likely label errors from cross-validation (cleanlab)"),

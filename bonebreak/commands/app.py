@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field, replace
 
 from ..common.argument_parser import parse
@@ -11,10 +10,8 @@ from ..common.checkpoint_format import SHIPPED_MODEL
 from ..data.decode import DEFAULT_LIMITS, DecodeLimits
 from ..serving.loader import BACKEND_HELP, check_backend
 from ..serving.predictor import DEFAULT_UNSURE_BELOW
-from ..serving.ui import build_demo, launch, serving_threads
-from .serving_setup import load_served
-
-logger = logging.getLogger(__name__)
+from ..serving.ui import DEFAULT_CONCURRENCY, DEFAULT_MAX_UPLOAD_MB, serve
+from ..models.serving_backend import load_served
 
 
 @dataclass
@@ -27,8 +24,8 @@ class AppArguments:
     unsure_below: float = field(
         default=DEFAULT_UNSURE_BELOW, metadata={"help": "Say 'unsure' when the top probability is below this."}
     )
-    concurrency: int = field(default=2, metadata={"help": "Predictions run at once (2 suits a 2-core CPU)."})
-    max_upload_mb: int = field(default=20, metadata={"help": "Largest upload accepted, in MB."})
+    concurrency: int = field(default=DEFAULT_CONCURRENCY, metadata={"help": "Predictions run at once (2 suits a 2-core CPU)."})
+    max_upload_mb: int = field(default=DEFAULT_MAX_UPLOAD_MB, metadata={"help": "Largest upload accepted, in MB."})
     max_image_megapixels: float = field(
         default=DEFAULT_LIMITS.max_pixels / 1e6, metadata={"help": "Refuse images with more pixels than this (decompression bombs)."}
     )
@@ -44,17 +41,9 @@ class AppArguments:
     def decode_limits(self) -> DecodeLimits:
         return replace(DEFAULT_LIMITS, max_bytes=self.max_upload_mb * 1024 * 1024, max_pixels=int(self.max_image_megapixels * 1e6))
 
-    def address(self) -> tuple[str, int]:
-        """Host and port: the flags, else Gradio's own environment variables (a Space sets them), else local."""
-        host = self.host or os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1")
-        port = self.port or int(os.environ.get("GRADIO_SERVER_PORT", "7860"))
-        return host, port
-
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse(AppArguments, argv, "bonebreak app", __doc__)
     predictor = load_served(args.model_path, args.backend, unsure_below=args.unsure_below, limits=args.decode_limits())
-    if serving_threads(predictor):
-        logger.info("ONNX Runtime serves every network: BLAS kept to one thread")
-    launch(build_demo(predictor), *args.address(), args.concurrency, args.max_upload_mb)
+    serve(predictor, args.host, args.port, args.concurrency, args.max_upload_mb)

@@ -19,7 +19,7 @@ from ..data.loading import load_splits
 from ..data.splits import EVALUATION_SPLITS, SPLITS
 from ..evaluation.reports import comparison_table, evaluate_splits, format_table, honest_split
 from ..serving.loader import BACKEND_HELP, check_backend
-from .serving_setup import load_served
+from ..models.serving_backend import load_served
 
 
 @dataclass

@@ -15,7 +15,7 @@ from ..common.checkpoint_format import SHIPPED_MODEL, ModelLoadError
 from ..serving.batch_predict import FORMATS, expand_paths, format_rows, predict_files
 from ..serving.loader import BACKEND_HELP, check_backend
 from ..serving.predictor import DEFAULT_UNSURE_BELOW
-from .serving_setup import load_served
+from ..models.serving_backend import load_served
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The words BoneBreak must always say, written once: the app, the model card and the reports use these.
 
-The README (also the Space's page) carries the same research-demo notice; tests/test_docs.py checks it there.
+The README and an exported Space's page carry the same research-demo notice; tests check it there.
 """
 
 DATASET_URL = "https://universe.roboflow.com/curso-rphcb/bone-break-classification"

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..common.checkpoint_format import (CONFIG_FILE, ENSEMBLE_FILE, MEMBERS_DIR, PREPROCESSOR_FILE, TEMPERATURE_KEY, WEIGHTS_FILE,
+from ..common.checkpoint_format import (CONFIG_FILE, ENSEMBLE_FILE, MEMBERS_DIR, ONNX_FILE, PREPROCESSOR_FILE, TEMPERATURE_KEY, WEIGHTS_FILE,
                                         ModelLoadError)
 from ..data.preprocess import PreprocessConfig, preprocess_config
 
@@ -39,6 +39,11 @@ def labels_of(config: dict[str, Any]) -> list[str]:
     raise ModelLoadError("config.json names no labels (neither id2label nor label_names)")
 
 
+def has_weights(path: str | os.PathLike) -> bool:
+    """Whether the folder holds the safetensors weights (one file or an index of shards), not only their ONNX copy."""
+    return (Path(path) / WEIGHTS_FILE).is_file() or (Path(path) / f"{WEIGHTS_FILE}.index.json").is_file()
+
+
 def read_checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
     """A checkpoint folder's labels, preprocessing and temperature; a missing folder or file is named in the error."""
     path = Path(path)
@@ -48,7 +53,7 @@ def read_checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
     config_file = path / CONFIG_FILE
     if not config_file.is_file():
         raise ModelLoadError(f"{path}: {CONFIG_FILE} is missing, this is not a complete checkpoint")
-    if not (path / WEIGHTS_FILE).is_file() and not (path / f"{WEIGHTS_FILE}.index.json").is_file():
+    if not has_weights(path) and not (path / ONNX_FILE).is_file():  # an exported Space serves model.onnx alone
         raise ModelLoadError(f"{path}: {WEIGHTS_FILE} is missing (only safetensors weights are loaded, never pickles)")
     config = _read_json(config_file)
     processor = _read_json(path / PREPROCESSOR_FILE) if (path / PREPROCESSOR_FILE).is_file() else None

@@ -46,12 +46,13 @@ class OnnxForward:
         return dict(zip(self.output_names, results))
 
 
-def weights_stamp(checkpoint: str | os.PathLike) -> str:
-    """SHA-256 of the weights a checkpoint's ONNX copy must have been exported from."""
+def weights_stamp(checkpoint: str | os.PathLike) -> str | None:
+    """SHA-256 of the weights a checkpoint's ONNX copy must have been exported from; None when the folder holds
+    no weights (an exported Space ships the ONNX copy alone, so there is nothing it could be stale against)."""
     path = Path(checkpoint) / WEIGHTS_FILE
     if not path.is_file():  # sharded weights: the index names every shard's tensors
         path = path.with_name(f"{WEIGHTS_FILE}.index.json")
-    return file_sha256(path)
+    return file_sha256(path) if path.is_file() else None
 
 
 def load_classifier_onnx(checkpoint: str | os.PathLike) -> OnnxForward:
@@ -67,7 +68,8 @@ def load_classifier_onnx(checkpoint: str | os.PathLike) -> OnnxForward:
         raise
     except Exception as error:  # ORT raises its own types for truncated or foreign files
         raise OnnxUnavailable(f"{path} cannot be loaded ({error}): {fix}") from error
-    if runner.metadata.get(WEIGHTS_HASH_KEY) != weights_stamp(checkpoint):
+    stamp = weights_stamp(checkpoint)
+    if stamp is not None and runner.metadata.get(WEIGHTS_HASH_KEY) != stamp:
         raise OnnxUnavailable(f"{path} was exported from different weights than {checkpoint / WEIGHTS_FILE}: {fix}")
     if "logits" not in runner.output_names:
         raise OnnxUnavailable(f"{path} has no 'logits' output (outputs: {runner.output_names}): {fix}")

@@ -199,8 +199,25 @@ def serving_threads(predictor: Classifier) -> bool:
     return False
 
 
-def launch(demo: gr.Blocks, host: str, port: int, concurrency: int = 2, max_upload_mb: int = 20) -> None:
+DEFAULT_CONCURRENCY = 2  # predictions at once: two suit a 2-core CPU (a free Space has two)
+DEFAULT_MAX_UPLOAD_MB = 20
+
+
+def server_address(host: str | None = None, port: int | None = None) -> tuple[str, int]:
+    """Host and port: the given ones, else Gradio's own environment variables (a Space sets them), else local."""
+    return host or os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"), port or int(os.environ.get("GRADIO_SERVER_PORT", "7860"))
+
+
+def launch(demo: gr.Blocks, host: str, port: int, concurrency: int = DEFAULT_CONCURRENCY, max_upload_mb: int = DEFAULT_MAX_UPLOAD_MB) -> None:
     # Two CPU cores: more than two forward passes at once only adds latency to each; the
     # bounded queue turns a flood into "queue full" errors instead of unbounded memory.
     demo.queue(default_concurrency_limit=concurrency, max_size=64)
     demo.launch(server_name=host, server_port=port, max_file_size=f"{max_upload_mb}mb", ssr_mode=False, show_error=True)
+
+
+def serve(predictor: Classifier, host: str | None = None, port: int | None = None, concurrency: int = DEFAULT_CONCURRENCY,
+          max_upload_mb: int = DEFAULT_MAX_UPLOAD_MB) -> None:
+    """Serve a loaded classifier's page until stopped: what `bonebreak app` and an exported Space's app.py run."""
+    if serving_threads(predictor):
+        logger.info("ONNX Runtime serves every network: BLAS kept to one thread")
+    launch(build_demo(predictor), *server_address(host, port), concurrency, max_upload_mb)

@@ -20,6 +20,6 @@ def load_served(path: str | os.PathLike, backend: str = "auto", device: str | No
         if device and device != "cpu":
             raise ValueError(f"--device {device}: {loader.NO_TORCH}")
         return loader.load_classifier(path, backend, None, limits, unsure_below)
-    from ..models.torch_backend import load_classifier  # the full stack: PyTorch serves where ONNX cannot
+    from .torch_backend import load_classifier  # the full stack: PyTorch serves where ONNX cannot
 
     return load_classifier(path, backend, device, limits, unsure_below)

@@ -149,6 +149,7 @@ def test_browser_upload_shows_labels_info_heatmap_and_errors(server, tmp_path):
         page.goto(server)
         expect(page.get_by_text("not a diagnostic device")).to_be_visible(timeout=60_000)
         page.set_input_files(UPLOAD, str(REPO / "examples" / "spiral_fracture.jpg"))
+        expect(page.locator("#preview img")).to_be_visible(timeout=30_000)  # the picture itself, not only its file name
         labels = page.locator("#labels")
         expect(labels).to_contain_text("%", timeout=60_000)
         text = labels.inner_text()
@@ -156,6 +157,11 @@ def test_browser_upload_shows_labels_info_heatmap_and_errors(server, tmp_path):
         expect(page.locator("#info")).to_contain_text("Usual management", timeout=30_000)
         expect(page.locator("#heatmap img")).to_be_visible(timeout=30_000)
         page.screenshot(path=str(screenshots / "app.png"), full_page=True)
+        page.set_viewport_size({"width": 400, "height": 900})  # a phone: the columns stack, nothing overflows sideways
+        expect(page.locator("#preview img")).to_be_visible()
+        assert page.evaluate("document.documentElement.scrollWidth") <= 400
+        page.screenshot(path=str(screenshots / "app_phone.png"), full_page=True)
+        page.set_viewport_size({"width": 1280, "height": 1000})
 
         (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a whole jpeg")
         page.reload()  # a filled gr.File hides its input; a fresh page is what a new visitor gets

@@ -43,6 +43,14 @@ def test_confused_pairs_are_named_on_both_sides():
     assert "Often confused" not in describe("Avulsion")
 
 
+def test_the_visitors_background_text_has_no_lab_words():
+    """Visitors read plain words; the audit's method and counts are in docs/experiments.md."""
+    lab_words = ("cross-validation", "fold", "seed", "reports/", "label audit", "Train images", "out-of-fold", "cleanlab")
+    for label in (k for k in fracture_info() if not k.startswith("_")):
+        text = describe(label)
+        assert not [word for word in lab_words if word.lower() in text.lower()], f"{label}: {text}"
+
+
 def test_output_images_are_content_named_and_written_whole(tmp_path):
     outputs = OutputImages(folder=tmp_path / "out")
     first = outputs.save(synthetic_xray(1))
@@ -136,3 +144,20 @@ def test_not_an_xray_gets_no_fracture_type_even_when_the_model_is_confident(tmp_
     labels, text, _ = handler(tmp_path, CONFIDENT, like_training_xrays=True)(str(upload), True)
     assert text.startswith("**Most likely type: Spiral** (95%)") and "Spiral fracture" in text and NOT_XRAY not in text
     assert list(labels) == ["Spiral", "Oblique", "Hairline"] and labels["Spiral"] == pytest.approx(0.95)
+
+
+def test_the_upload_is_shown_as_the_model_reads_it(tmp_path):
+    """A DICOM's 12-bit ramp appears windowed to the full grey range (not black, as a naive 8-bit view shows it), a
+    big scan shrunk to the preview size, and a file that cannot be read shows nothing (the answer says why)."""
+    from PIL import Image
+
+    from conftest import gradient16, make_dicom
+
+    classify = handler(tmp_path, CONFIDENT, like_training_xrays=True)
+    shown = Image.open(classify.preview(str(make_dicom(tmp_path / "scan.dcm", gradient16(160, 200)))))
+    grey = np.asarray(shown.convert("L"), dtype=float)
+    assert shown.size == (200, 160) and grey[:, :10].mean() < 20 and grey[:, -10:].mean() > 235
+    synthetic_xray(3, (3000, 1500)).save(tmp_path / "scan.png")
+    assert Image.open(classify.preview(str(tmp_path / "scan.png"))).size == (768, 384)
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    assert classify.preview(str(tmp_path / "broken.jpg")) is None and classify.preview(None) is None

@@ -69,6 +69,7 @@ def answer_text(top_label: str, top_probability: float, unsure: bool, threshold:
 
 
 OUTPUT_SUFFIX = ".jpg"
+PREVIEW_SIZE = 768  # longest side of the upload's preview, in pixels
 
 
 @dataclass
@@ -136,6 +137,21 @@ class RequestHandler:
         text += "\n\n" + describe(prediction.top_label)
         return prediction.top(self.top_k), text, shown
 
+    def preview(self, file: str | None) -> str | None:
+        """The chosen file as the model reads it (a DICOM or 16-bit image after windowing), shown before the answer
+        comes; None when there is nothing to show or it cannot be read (the answer then says why, once)."""
+        if not file:
+            return None
+        try:
+            image = self.predictor.load(file)
+        except ImageLoadError:
+            return None
+        except Exception:  # a preview never takes the page down
+            logger.exception("preview failed for %s", file)
+            return None
+        image.thumbnail((PREVIEW_SIZE, PREVIEW_SIZE))  # a 3000 px scan is shown in a column, not at full size
+        return self.outputs.save(image)
+
 
 def example_files(folder: Path = EXAMPLES_DIR) -> list[str]:
     if not folder.is_dir():
@@ -168,6 +184,8 @@ def build_demo(predictor: Classifier, examples: list[str] | None = None) -> gr.B
                     type="filepath",
                     elem_id="upload",
                 )
+                preview = gr.Image(label="Your X-ray (as the model reads it)", type="filepath", interactive=False, elem_id="preview",
+                                   height=320)
                 pasted = gr.Image(label="...or paste an image from the clipboard", sources=["clipboard"], type="filepath", height=160)
                 show_heatmap = gr.Checkbox(value=True, label=heatmap_label(predictor))
                 button = gr.Button("Classify", variant="primary")
@@ -180,6 +198,7 @@ def build_demo(predictor: Classifier, examples: list[str] | None = None) -> gr.B
                 info = gr.Markdown(elem_id="info")
         outputs = [labels, info, picture]
         button.click(classify, inputs=[upload, show_heatmap], outputs=outputs, api_name="predict")
+        upload.change(classify.preview, inputs=[upload], outputs=[preview], api_name=False)  # an upload, an example or a clear
         upload.upload(classify, inputs=[upload, show_heatmap], outputs=outputs, api_name=False)
         pasted.upload(classify, inputs=[pasted, show_heatmap], outputs=outputs, api_name=False)
     return demo

@@ -91,7 +91,7 @@ def run_clients(url: str, args: LoadArguments, images: list[Path], on_progress=N
                 remaining[0] -= 1
             started = time.perf_counter()
             try:
-                labels, _, _ = client.predict(handle_file(str(images[n % len(images)])), args.heatmap, api_name="/predict")
+                labels, _, _, _ = client.predict(handle_file(str(images[n % len(images)])), args.heatmap, api_name="/predict")
                 if len(labels["confidences"]) != 3:
                     raise ValueError(f"expected 3 labels, got {labels}")
                 with lock:

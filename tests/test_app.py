@@ -63,11 +63,11 @@ def bad_inputs(folder: Path) -> dict[str, Path]:
 
 def test_every_good_input_kind_predicts(classify, tmp_path):
     for name, path in good_inputs(tmp_path).items():
-        labels, text, heatmap = classify(str(path), True)
+        labels, text, heatmap, _ = classify(str(path), True)
         assert len(labels) == 3 and abs(sum(labels.values())) <= 1.0 + 1e-6, name
         assert list(labels.values()) == sorted(labels.values(), reverse=True), name
         assert "fracture" in text and Image.open(heatmap).size[0] >= 32, name
-    _, _, plain = classify(str(tmp_path / "scan.png"), False)
+    _, _, plain, _ = classify(str(tmp_path / "scan.png"), False)
     assert max(Image.open(plain).size) <= 2048  # heat map off: the (downscaled) image itself is shown
 
 
@@ -79,7 +79,7 @@ def test_every_bad_input_gets_a_specific_message_and_the_next_one_works(classify
         with pytest.raises(gr.Error, match=expected[name]) as info:
             classify(str(path), True)
         assert name in str(info.value)
-        labels, _, _ = classify(str(REPO / "examples" / "spiral_fracture.jpg"), True)
+        labels, _, _, _ = classify(str(REPO / "examples" / "spiral_fracture.jpg"), True)
         assert len(labels) == 3
     with pytest.raises(gr.Error, match="upload an X-ray"):
         classify(None, True)
@@ -87,7 +87,7 @@ def test_every_bad_input_gets_a_specific_message_and_the_next_one_works(classify
 
 def test_unsure_is_said_plainly(trained_vit):
     classify = RequestHandler(load_classifier(trained_vit, unsure_below=1.0))
-    _, text, _ = classify(str(REPO / "examples" / "spiral_fracture.jpg"), False)
+    _, text, _, _ = classify(str(REPO / "examples" / "spiral_fracture.jpg"), False)
     assert text.startswith("**The model is unsure.**")
     confident = RequestHandler(load_classifier(trained_vit, unsure_below=0.0))
     assert confident(str(REPO / "examples" / "spiral_fracture.jpg"), False)[1].startswith("**Most likely type:")
@@ -99,7 +99,7 @@ def test_not_an_xray_gets_no_fracture_type(trained_vit):
     assert json.loads((trained_vit / "config.json").read_text())["bonebreak_temperature_folded"] == pytest.approx(
         json.loads((trained_vit / "calibration.json").read_text())["temperature"])
     predictor.xray_check.threshold = -1.0  # everything is unlike the training X-rays
-    labels, text, image = RequestHandler(predictor)(str(REPO / "examples" / "spiral_fracture.jpg"), False)
+    labels, text, image, _ = RequestHandler(predictor)(str(REPO / "examples" / "spiral_fracture.jpg"), False)
     assert labels == {} and text == NOT_XRAY and Path(image).is_file()
 
 
@@ -124,13 +124,14 @@ def test_gradio_client_api(server, tmp_path):
     from gradio_client import Client, handle_file
 
     client = Client(server, verbose=False)
-    labels, text, heatmap = client.predict(handle_file(str(REPO / "examples" / "greenstick_fracture.jpg")), True, api_name="/predict")
+    labels, text, heatmap, cases = client.predict(handle_file(str(REPO / "examples" / "greenstick_fracture.jpg")), True, api_name="/predict")
     assert len(labels["confidences"]) == 3 and labels["label"] == labels["confidences"][0]["label"]
     assert "fracture" in text and Path(heatmap).is_file()
+    assert len(cases) == 6 and all(Path(case["image"]).is_file() and ", similarity " in case["caption"] for case in cases)
     (tmp_path / "bad.jpg").write_text("nope")
     with pytest.raises(Exception, match="not a supported image"):
         client.predict(handle_file(str(tmp_path / "bad.jpg")), True, api_name="/predict")
-    labels, _, _ = client.predict(handle_file(str(REPO / "examples" / "avulsion_fracture.jpg")), False, api_name="/predict")
+    labels, _, _, _ = client.predict(handle_file(str(REPO / "examples" / "avulsion_fracture.jpg")), False, api_name="/predict")
     assert len(labels["confidences"]) == 3  # the server still serves after a bad upload
 
 
@@ -156,6 +157,8 @@ def test_browser_upload_shows_labels_info_heatmap_and_errors(server, tmp_path):
         assert sum(name in text for name in fracture_info() if not name.startswith("_")) >= 3
         expect(page.locator("#info")).to_contain_text("Usual management", timeout=30_000)
         expect(page.locator("#heatmap img")).to_be_visible(timeout=30_000)
+        expect(page.locator("#cases img")).to_have_count(6, timeout=30_000)  # the similar cases, with their labels
+        expect(page.locator("#cases")).to_contain_text("similarity")
         page.screenshot(path=str(screenshots / "app.png"), full_page=True)
         page.set_viewport_size({"width": 400, "height": 900})  # a phone: the columns stack, nothing overflows sideways
         expect(page.locator("#preview img")).to_be_visible()

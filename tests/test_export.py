@@ -16,7 +16,8 @@ import torch
 
 from conftest import REPO, SHIPPED_MODEL
 
-from bonebreak.common.checkpoint_format import CLASS_MAPS, EMBEDDING, LOGITS, ONNX_FILE, WEIGHTS_HASH_KEY, XRAY_CHECK_FILE, XRAY_CHECK_ONNX
+from bonebreak.common.checkpoint_format import (CLASS_MAPS, EMBEDDING, LOGITS, ONNX_FILE, SIMILAR_CASES_FILE, WEIGHTS_HASH_KEY,
+                                                XRAY_CHECK_FILE, XRAY_CHECK_ONNX)
 from bonebreak.models.onnx_export import export_onnx
 from bonebreak.models.torch_backend import TorchForward, load_classifier
 from bonebreak.serving.loader import load_predictor
@@ -141,6 +142,32 @@ def test_training_writes_a_current_onnx_copy(trained_vit):
     assert load_classifier_onnx(trained_vit).metadata[WEIGHTS_HASH_KEY] == weights_stamp(trained_vit)
     assert isinstance(load_classifier(trained_vit, backend="auto", device="cpu").forward, OnnxForward)
     assert (trained_vit / XRAY_CHECK_ONNX).is_file()  # and its X-ray check's network: served without PyTorch
+
+
+def test_own_data_gets_similar_cases_only_when_asked_and_then_the_app_shows_them(trained_vit, handful, tmp_path):
+    """Training on a user's own folder writes no thumbnails of it unasked; `export --similar_cases` then builds the
+    index from the checkpoint's own features (here a ViT's class token, on ONNX Runtime), the card says what it ships,
+    and the request handler shows the cases."""
+    from bonebreak.commands import run
+    from bonebreak.serving.ui import OutputImages, RequestHandler
+
+    assert not (trained_vit / SIMILAR_CASES_FILE).exists() and "similar_cases" not in (trained_vit / "README.md").read_text()
+    folder = tmp_path / "vit"
+    shutil.copytree(trained_vit, folder)
+    run("export", ["--model_path", str(folder), "--similar_cases", "--data_dir", str(handful)])
+    predictor = load_predictor(folder, "onnx")
+    index = predictor.similar_cases
+    trained_on = json.loads((folder / "metrics.json").read_text())["counts"]["train"]
+    assert index is not None and len(index.names) == sum(trained_on.values()) and index.labels == predictor.labels
+    assert "bone-break-mini" in index.credit and "CC BY" not in index.credit  # not credited as the shipped dataset
+    assert "`similar_cases.safetensors`" in (folder / "README.md").read_text()
+    image = next(p for p in sorted(handful.rglob("*.jpg")) if p.name in index.names)
+    _, _, _, cases = RequestHandler(predictor, outputs=OutputImages(folder=tmp_path / "out"))(str(image), False)
+    assert len(cases) == 6 and cases[0][1].split(" · ")[0].endswith("similarity 1.00")  # a training image finds itself first
+    assert index.nearest(predictor.embeddings([str(image)]))[0].name == image.name
+    (folder / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes()[:-1] + b" ")  # other weights
+    with pytest.raises(ValueError, match="other weights"):
+        load_predictor(folder, "torch", ON_CPU)
 
 
 def test_a_damaged_onnx_file_is_named_not_a_crash(exported, tmp_path):

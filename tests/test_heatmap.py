@@ -139,7 +139,7 @@ def heat_colours(picture: Image.Image, view: Image.Image) -> np.ndarray:
 def test_app_heatmap_picture_shows_a_real_map_for_the_top_class(onnx_predictor, tmp_path):
     classify = RequestHandler(onnx_predictor, outputs=OutputImages(folder=tmp_path))
     example = REPO / "examples" / "spiral_fracture.jpg"
-    labels, _, shown = classify(str(example), True)
+    labels, _, shown, _ = classify(str(example), True)
     picture = Image.open(shown).convert("RGB")
     analysis = onnx_predictor.analyse(str(example))
     colours = heat_colours(picture, analysis.view)

@@ -89,7 +89,7 @@ def test_app_serves_unknown_labels_without_fracture_text(run_folder, roboflow_ex
     predictor.xray_check = None  # with 3 validation images the check may flag anything: the text is under test here
     classify = RequestHandler(predictor)
     image = next((roboflow_export / "test").rglob("*.jpg"))
-    labels, text, heatmap = classify(str(image), True)
+    labels, text, heatmap, _ = classify(str(image), True)
     assert len(labels) == 3 and set(labels) == set(CLASSES.values()) and Path(heatmap).is_file()
     assert "Usual management" not in text and "No background text is available" in text  # no invented fracture text
     assert "No background text" in describe("Wrist")

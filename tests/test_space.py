@@ -73,12 +73,14 @@ def test_the_space_answers_like_the_full_app_with_the_training_stack_unimportabl
     try:
         client = Client(url, verbose=False)
         for example in ("spiral_fracture.jpg", "greenstick_fracture.jpg", "avulsion_fracture.jpg"):
-            labels, text, heatmap = client.predict(handle_file(str(space / "examples" / example)), True, api_name="/predict")
-            want_labels, want_text, want_heatmap = full(str(REPO / "examples" / example), True)
+            labels, text, heatmap, cases = client.predict(handle_file(str(space / "examples" / example)), True, api_name="/predict")
+            want_labels, want_text, want_heatmap, want_cases = full(str(REPO / "examples" / example), True)
             got = {c["label"]: c["confidence"] for c in labels["confidences"]}
             assert list(got) == list(want_labels) and text == want_text
             assert max(abs(got[k] - want_labels[k]) for k in got) < 1e-5
             assert Path(heatmap).read_bytes() == Path(want_heatmap).read_bytes()  # the same overlay, to the byte
+            assert [case["caption"] for case in cases] == [caption for _, caption in want_cases] and len(cases) == 6
+            assert [Path(case["image"]).read_bytes() for case in cases] == [Path(file).read_bytes() for file, _ in want_cases]
     finally:
         process.terminate()
         process.wait(timeout=30)

@@ -71,7 +71,7 @@ def test_a_request_decodes_once_and_the_xray_check_is_ready_before_it(monkeypatc
     decoded = []
     monkeypatch.setattr(predictor_module, "load_image", lambda *args: decoded.append(args) or load_image(*args))
     example = str(REPO / "examples" / "spiral_fracture.jpg")
-    labels, _, shown = RequestHandler(predictor, outputs=OutputImages(folder=tmp_path))(example, True)
+    labels, _, shown, _ = RequestHandler(predictor, outputs=OutputImages(folder=tmp_path))(example, True)
     assert len(decoded) == 1 and len(labels) == 3 and Path(shown).is_file()
     analysis = predictor.analyse(example)
     assert analysis.prediction.xray_check_passed is True
@@ -132,16 +132,16 @@ def test_not_an_xray_gets_no_fracture_type_even_when_the_model_is_confident(tmp_
     prediction = classify.predictor.predict(str(upload))
     assert prediction.top_label == "Spiral" and prediction.top_probability == pytest.approx(0.95) and not prediction.unsure
     assert prediction.xray_check_passed is False
-    labels, text, shown = classify(str(upload), True)
+    labels, text, shown, cases = classify(str(upload), True)
     assert text == NOT_XRAY, f"a confident answer to an image that fails the X-ray check: {text!r}"
     assert labels == {} and not any(label in text for label in LABELS) and Path(shown).is_file()
 
     # unsure and unlike an X-ray: the same answer
-    labels, text, _ = handler(tmp_path, UNSURE, like_training_xrays=False)(str(upload), True)
+    labels, text, _, _ = handler(tmp_path, UNSURE, like_training_xrays=False)(str(upload), True)
     assert labels == {} and text == NOT_XRAY
 
     # the same confident model on an image like the training X-rays names its type
-    labels, text, _ = handler(tmp_path, CONFIDENT, like_training_xrays=True)(str(upload), True)
+    labels, text, _, _ = handler(tmp_path, CONFIDENT, like_training_xrays=True)(str(upload), True)
     assert text.startswith("**Most likely type: Spiral** (95%)") and "Spiral fracture" in text and NOT_XRAY not in text
     assert list(labels) == ["Spiral", "Oblique", "Hairline"] and labels["Spiral"] == pytest.approx(0.95)
 

@@ -14,7 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..common.argument_parser import parse
-from ..common.checkpoint_format import ONNX_FILE, SHIPPED_MODEL, XRAY_CHECK_FILE
+from ..common.checkpoint_format import METRICS_FILE, ONNX_FILE, SHIPPED_MODEL, SIMILAR_CASES_FILE, XRAY_CHECK_FILE
+from ..data.layouts import resolve_data_dir
+from ..data.loading import load_splits
+from ..evaluation.card_refresh import refresh_card
+from ..evaluation.model_card import known_dataset
+from ..models.case_index import write_case_index
 from ..models.onnx_export import DEFAULT_OPSET, DEFAULT_TOLERANCE, export_onnx, export_xray_check
 from ..serving.checkpoint_info import ensemble_members
 from ..serving.xray_check import LEGACY_FILE, adopt_legacy_file
@@ -27,6 +32,10 @@ class ExportArguments:
                                                                 "app and CLI pick up, and the same file in each ensemble member's folder)."})
     opset: int = field(default=DEFAULT_OPSET, metadata={"help": "ONNX opset version."})
     tolerance: float = field(default=DEFAULT_TOLERANCE, metadata={"help": "Fail when a probability differs from PyTorch by more than this."})
+    similar_cases: bool = field(default=False, metadata={"help": f"Also (re)build {SIMILAR_CASES_FILE}, the similar cases shown beside each "
+                                                                 "answer, from --data_dir's training split (it ships thumbnails of those images)."})
+    data_dir: str | None = field(default=None, metadata={"help": "The data the model was trained on, for --similar_cases "
+                                                                 "(default: $BONEBREAK_DATA, else data/bone-break)."})
 
     def __post_init__(self) -> None:
         if not 7 <= self.opset <= 23:
@@ -46,5 +55,21 @@ def main(argv: list[str] | None = None) -> dict:
             report["renamed"] = f"{LEGACY_FILE} -> {XRAY_CHECK_FILE}"
         if (Path(args.model_path) / XRAY_CHECK_FILE).is_file():
             report["xray_check"] = export_xray_check(args.model_path, args.opset, args.tolerance)
+    if args.similar_cases:
+        report["similar_cases"] = str(write_similar_cases(args.model_path, args.data_dir))
     print(json.dumps(report, indent=2))
     return report
+
+
+def write_similar_cases(model_path: str, data_dir: str | None) -> Path:
+    """The index from the data the checkpoint was trained on, split as its training split it (the checkpoint's recorded
+    split arguments); credited as the shipped dataset only when the checkpoint says it trained on it."""
+    metrics = Path(model_path) / METRICS_FILE
+    summary = json.loads(metrics.read_text()) if metrics.is_file() else {}
+    arguments = summary.get("arguments", {})
+    data = load_splits(resolve_data_dir(data_dir), val_fraction=arguments.get("val_fraction", 0.15), seed=arguments.get("seed", 42),
+                       split_manifest=arguments.get("split_manifest", "auto"))
+    path = write_case_index(model_path, data, known_dataset(summary) if summary else False)
+    if summary:
+        refresh_card(model_path, reuse_reports=True)  # the card lists the index it now ships
+    return path

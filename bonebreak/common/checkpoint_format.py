@@ -15,6 +15,7 @@ WEIGHTS_FILE = "model.safetensors"
 ONNX_FILE = "model.onnx"
 XRAY_CHECK_FILE = "xray_check.safetensors"  # reference embeddings of training X-rays and the threshold
 XRAY_CHECK_ONNX = "xray_check.onnx"  # the generic ImageNet network that embeds an image for the X-ray check
+SIMILAR_CASES_FILE = "similar_cases.safetensors"  # labelled training X-rays to show beside an answer (serving/similar_cases.py)
 METRICS_FILE = "metrics.json"
 CALIBRATION_FILE = "calibration.json"
 ENSEMBLE_FILE = "ensemble.json"  # an ensemble checkpoint lists its members here

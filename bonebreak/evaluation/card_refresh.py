@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..common.checkpoint_format import CALIBRATION_FILE, METRICS_FILE
+from ..common.checkpoint_format import SIMILAR_CASES_FILE, CALIBRATION_FILE, METRICS_FILE
 from ..data.layouts import resolve_data_dir
 from ..data.loading import load_splits_as_trained
 from ..data.splits import EVALUATION_SPLITS
@@ -51,6 +51,7 @@ def refresh_card(folder: str | Path, data_dir: str | None = None, reuse_reports:
         summary["calibration"] = json.loads((folder / CALIBRATION_FILE).read_text())
     if cv_report:
         summary["cv"] = json.loads(Path(cv_report).read_text())
+    summary["similar_cases"] = (folder / SIMILAR_CASES_FILE).is_file()  # the card lists what the folder ships
     summary.pop("ensemble", None)
     if (ensemble := ensemble_summary(folder)) is not None:
         summary["ensemble"] = ensemble

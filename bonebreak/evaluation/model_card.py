@@ -117,15 +117,31 @@ def base_model(name: str) -> str | None:
     return name if "/" in name and not Path(name).exists() else None
 
 
+def similar_cases_line(summary: dict[str, Any]) -> str:
+    """What the similar-cases index ships, for the card's file list ('' when the run wrote none)."""
+    if not summary.get("similar_cases"):
+        return ""
+    train = summary.get("counts", {}).get("train", {})
+    count = f"{sum(train.values())} " if isinstance(train, dict) and train else ""
+    credit = "the dataset's CC BY 4.0 credit" if known_dataset(summary) else "a note that they are your training data"
+    return (f"- `similar_cases.safetensors`: the model's pooled features and small (112 px) JPEG thumbnails of the {count}training "
+            f"X-rays, their labels and marks (label questioned by the audit, near-duplicate), with {credit}; the app shows "
+            "the six nearest beside each answer. It ships pictures of the training data.\n")
+
+
+def known_dataset(summary: dict[str, Any]) -> bool:
+    """Whether a run trained on the shipped bone-break data. The shipped manifest is applied ("auto") only to the
+    exact folder it lists, so then the dataset, its license (CC BY 4.0) and its leaky published split are known; for
+    any other folder the card claims none of them, and no thumbnails of its images are shipped unasked."""
+    return bool(summary.get("grouped_splits")) and summary["arguments"].get("split_manifest", "auto") == "auto"
+
+
 def render(summary: dict[str, Any], reports: dict[str, dict[str, Any]]) -> str:
     """The model card text; ``summary`` is a training run's metrics.json."""
     import yaml  # a transformers dependency
 
     labels = summary["labels"]
-    # The shipped manifest is applied ("auto") only to the exact bone-break folder it lists, so then
-    # the dataset, its license and its leaky published split are known; for any other folder the
-    # card claims none of them.
-    known = bool(summary.get("grouped_splits")) and summary["arguments"].get("split_manifest", "auto") == "auto"
+    known = known_dataset(summary)
     metadata: dict[str, Any] = {
         "license": "cc-by-4.0" if known else "other",
         "library_name": "transformers",
@@ -181,7 +197,7 @@ Intervals are 95% percentile-bootstrap intervals over the evaluated images. {LEA
   `bonebreak export --model_path <this folder>`{" (and each member's)" if summary.get("ensemble") else ""}.
 - `xray_check.onnx` + `xray_check.safetensors`: the X-ray check's generic ImageNet network and the reference
   embeddings of the training X-rays with their threshold.
-- How the recipe was chosen, and what the other ideas measured: `docs/experiments.md` in the BoneBreak repository.
+{similar_cases_line(summary)}- How the recipe was chosen, and what the other ideas measured: `docs/experiments.md` in the BoneBreak repository.
 
 ## Intended use and limitations
 

@@ -26,7 +26,7 @@ class Ensemble:
         first = self.members[0]
         if any(member.labels != first.labels for member in self.members):
             raise ValueError(f"ensemble members must share one label list: {[member.labels for member in self.members]}")
-        self.labels, self.unsure_below, self.xray_check = first.labels, first.unsure_below, first.xray_check
+        self.labels, self.unsure_below, self.xray_check, self.similar_cases = first.labels, first.unsure_below, first.xray_check, first.similar_cases
 
     @property
     def description(self) -> str:

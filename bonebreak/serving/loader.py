@@ -13,12 +13,13 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from ..common.checkpoint_format import CLASS_MAPS
+from ..common.checkpoint_format import CLASS_MAPS, WEIGHTS_HASH_KEY
 from ..data.decode import DEFAULT_LIMITS, DecodeLimits
 from .checkpoint_info import ensemble_members, read_checkpoint_info
 from .ensemble import Ensemble
-from .onnx_runtime import OnnxUnavailable, load_classifier_onnx
+from .onnx_runtime import OnnxUnavailable, load_classifier_onnx, weights_stamp
 from .predictor import DEFAULT_UNSURE_BELOW, Forward, Predictor
+from .similar_cases import CaseIndex
 from .xray_check import XrayCheck
 
 logger = logging.getLogger(__name__)
@@ -58,10 +59,11 @@ def choose_forward(path: Path, backend: str, torch_forward: TorchForwardFactory 
 
 def load_predictor(path: str | os.PathLike, backend: str = "auto", torch_forward: TorchForwardFactory | None = None,
                    xray_check: bool = True, calibrated: bool = True, limits: DecodeLimits = DEFAULT_LIMITS,
-                   unsure_below: float = DEFAULT_UNSURE_BELOW) -> Predictor:
+                   unsure_below: float = DEFAULT_UNSURE_BELOW, similar_cases: bool = True) -> Predictor:
     """One checkpoint folder's own model as a ``Predictor`` (an ensemble checkpoint's members are left out).
 
-    ``calibrated=False`` leaves the temperature out (what fitting one needs); ``xray_check=False`` the X-ray check.
+    ``calibrated=False`` leaves the temperature out (what fitting one needs); ``xray_check=False`` the X-ray check;
+    ``similar_cases=False`` the similar-cases index.
     """
     path = Path(path)
     info = read_checkpoint_info(path)
@@ -69,9 +71,11 @@ def load_predictor(path: str | os.PathLike, backend: str = "auto", torch_forward
     grad_cam = getattr(forward, "grad_cam", None)
     if grad_cam is None and CLASS_MAPS not in getattr(forward, "output_names", ()) and torch_forward is not None:
         grad_cam = torch_forward(path).grad_cam  # ONNX has no class maps for this head: Grad-CAM needs PyTorch
+    # the index must come from the weights serving now: those beside it, else those its ONNX copy was exported from
+    stamp = weights_stamp(path) or getattr(forward, "metadata", {}).get(WEIGHTS_HASH_KEY)
     predictor = Predictor(info.labels, info.preprocess, forward, temperature=info.temperature if calibrated else 1.0,
                           xray_check=XrayCheck.load(path) if xray_check else None, grad_cam=grad_cam, limits=limits,
-                          unsure_below=unsure_below)
+                          unsure_below=unsure_below, similar_cases=CaseIndex.load(path, stamp) if similar_cases else None)
     logger.info("%s: %s", path, predictor.description)
     return predictor
 
@@ -80,7 +84,7 @@ def load_classifier(path: str | os.PathLike, backend: str = "auto", torch_forwar
                     limits: DecodeLimits = DEFAULT_LIMITS, unsure_below: float = DEFAULT_UNSURE_BELOW) -> Classifier:
     """What a checkpoint folder serves: its model, or the ensemble of its model and the members its ensemble.json lists."""
     own = load_predictor(path, backend, torch_forward, limits=limits, unsure_below=unsure_below)
-    members = [load_predictor(member, backend, torch_forward, xray_check=False, limits=limits, unsure_below=unsure_below)
+    members = [load_predictor(member, backend, torch_forward, xray_check=False, limits=limits, unsure_below=unsure_below, similar_cases=False)
                for member in ensemble_members(path)]
     return Ensemble([own, *members]) if members else own
 
@@ -89,5 +93,5 @@ def load_ensemble(folders: list[str | os.PathLike], backend: str = "auto", torch
     """Several checkpoint folders (fold models, distillation teachers) as one ``Ensemble``, without X-ray checks."""
     if not folders:
         raise ValueError("an ensemble needs at least one checkpoint folder")
-    return Ensemble([load_predictor(folder, backend, torch_forward, xray_check=False) for folder in folders])
+    return Ensemble([load_predictor(folder, backend, torch_forward, xray_check=False, similar_cases=False) for folder in folders])
 

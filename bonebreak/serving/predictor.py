@@ -21,6 +21,7 @@ from ..common.checkpoint_format import CLASS_MAPS, EMBEDDING, LOGITS
 from ..data.decode import DEFAULT_LIMITS, DecodeLimits, ImageSource, load_image
 from ..data.preprocess import PreprocessConfig, model_view, preprocess_batch
 from .heatmaps import class_activation_map, upsample
+from .similar_cases import CaseIndex
 from .xray_check import XrayCheck
 
 DEFAULT_UNSURE_BELOW = 0.5
@@ -95,7 +96,7 @@ class Predictor:
 
     def __init__(self, labels: Sequence[str], preprocess: PreprocessConfig, forward: Forward, *, temperature: float = 1.0,
                  xray_check: XrayCheck | None = None, grad_cam: GradCam | None = None, limits: DecodeLimits = DEFAULT_LIMITS,
-                 unsure_below: float = DEFAULT_UNSURE_BELOW) -> None:
+                 unsure_below: float = DEFAULT_UNSURE_BELOW, similar_cases: CaseIndex | None = None) -> None:
         if not 0.0 <= unsure_below <= 1.0:
             raise ValueError(f"--unsure_below must be between 0 and 1, got {unsure_below}")
         if temperature <= 0:
@@ -108,6 +109,7 @@ class Predictor:
         self.grad_cam = grad_cam  # heat maps for heads whose network returns no class maps (None: not available)
         self.limits = limits
         self.unsure_below = unsure_below
+        self.similar_cases = similar_cases  # labelled training X-rays to show beside an answer (None: the folder has none)
         # The classifier's input serves the X-ray check too when both preprocess alike (the shipped model does).
         self.shared_input = xray_check is not None and xray_check.embedder is not None and xray_check.embedder.preprocess == preprocess
         # analyse() runs the X-ray check's network beside the classifier's (ONNX Runtime releases the GIL): 16 ms a
@@ -141,6 +143,16 @@ class Predictor:
         chunks = [self.forward(self.pixels([self.load(image) for image in images[start : start + batch_size]]))[LOGITS]
                   for start in range(0, len(images), batch_size)]
         return np.concatenate(chunks).astype(np.float32) if chunks else np.zeros((0, len(self.labels)), np.float32)
+
+    def embeddings(self, images: Sequence[ImageSource], batch_size: int = 16) -> np.ndarray:
+        """The classifier's pooled features (the head's input) of each image, as similar cases compare them."""
+        chunks = []
+        for start in range(0, len(images), batch_size):
+            outputs = self.forward(self.pixels([self.load(image) for image in images[start : start + batch_size]]))
+            if EMBEDDING not in outputs:
+                raise ValueError(f"this model's network gives no pooled features ({self.forward.description}): no similar cases for it")
+            chunks.append(np.asarray(outputs[EMBEDDING], np.float32).reshape(len(outputs[EMBEDDING]), -1))
+        return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
 
     def probabilities(self, images: Sequence[ImageSource], batch_size: int = 16) -> np.ndarray:
         """Calibrated softmax probabilities (n_images, n_labels)."""

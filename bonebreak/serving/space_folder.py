@@ -19,7 +19,7 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
-from ..common.checkpoint_format import (CONFIG_FILE, ENSEMBLE_FILE, ONNX_FILE, PREPROCESSOR_FILE, XRAY_CHECK_FILE,
+from ..common.checkpoint_format import (CONFIG_FILE, ENSEMBLE_FILE, ONNX_FILE, PREPROCESSOR_FILE, SIMILAR_CASES_FILE, XRAY_CHECK_FILE,
                                         XRAY_CHECK_ONNX)
 from ..common.notices import RESEARCH_DEMO
 from ..data.decode import IMAGE_SUFFIXES
@@ -32,7 +32,7 @@ PACKAGE = "bonebreak"
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 MODEL_DIR = "model"  # the checkpoint's serving files, inside the Space folder
 CARD_FILE = "README.md"  # a checkpoint's model card; the Space's own README is written anew
-SERVING_FILES = (CONFIG_FILE, PREPROCESSOR_FILE, ONNX_FILE, XRAY_CHECK_FILE, XRAY_CHECK_ONNX, ENSEMBLE_FILE, CARD_FILE)
+SERVING_FILES = (CONFIG_FILE, PREPROCESSOR_FILE, ONNX_FILE, XRAY_CHECK_FILE, XRAY_CHECK_ONNX, SIMILAR_CASES_FILE, ENSEMBLE_FILE, CARD_FILE)
 APP_DOCSTRING = '"""BoneBreak Space: the checkpoint in model/ served on ONNX Runtime, no PyTorch (written by `bonebreak export-space`)."""'
 SPACE_APP = f'''{APP_DOCSTRING}
 
@@ -147,13 +147,16 @@ def demote_headings(markdown: str) -> str:
     return "\n".join(lines)
 
 
-def space_readme(card: str, examples: bool) -> str:
+def space_readme(card: str, examples: bool, similar_cases: bool = False) -> str:
     """The Space's page: the notice, what the Space holds, and the model card of the checkpoint it serves."""
     meta, body = split_card(card)
     base_model = meta.get("base_model")
     shipped = (f"`{MODEL_DIR}/` holds the model's ONNX files (`{ONNX_FILE}`, and `{XRAY_CHECK_ONNX}` with `{XRAY_CHECK_FILE}` for "
                "the check that an upload looks like an X-ray), its labels and preprocessing (`config.json`) and its model card; "
                "`bonebreak/` holds only the serving code (numpy, Pillow and ONNX Runtime; no PyTorch).")
+    if similar_cases:
+        shipped += (f" `{MODEL_DIR}/{SIMILAR_CASES_FILE}` holds small thumbnails of the model's training X-rays with their labels "
+                    "and the model's features of them, to show the most similar ones beside each answer.")
     if examples:
         shipped += " `examples/` holds the example X-rays and their attribution (CC BY 4.0)."
     return "\n\n".join([front_matter(base_model if isinstance(base_model, str) else None), "# BoneBreak", RESEARCH_DEMO,
@@ -225,7 +228,8 @@ def write_space(checkpoint: str | os.PathLike, output: str | os.PathLike, exampl
     card = checkpoint / CARD_FILE
     texts = {"app.py": SPACE_APP, "requirements.txt": "\n".join(["# What the Space's serving code imports, pinned (bonebreak export-space)",
                                                                    *requirements]) + "\n",
-             "README.md": space_readme(card.read_text() if card.is_file() else "", any(p.startswith("examples/") for p in files))}
+             "README.md": space_readme(card.read_text() if card.is_file() else "", any(p.startswith("examples/") for p in files),
+                                       f"{MODEL_DIR}/{SIMILAR_CASES_FILE}" in files)}
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}."))
     staging.chmod(0o755)  # mkdtemp makes it private; the Space folder is meant to be read and uploaded

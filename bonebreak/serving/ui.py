@@ -26,6 +26,8 @@ from ..data.decode import IMAGE_SUFFIXES, ImageLoadError
 from .heatmaps import overlay_heatmap
 from .loader import Classifier
 from .onnx_runtime import OnnxForward
+from .predictor import Prediction
+from .similar_cases import DEFAULT_CASES, CaseIndex
 
 logger = logging.getLogger(__name__)
 
@@ -86,11 +88,14 @@ class OutputImages:
     _last_prune: float = 0.0
 
     def save(self, image: Image.Image) -> str:
-        self.folder.mkdir(parents=True, exist_ok=True)
         buffer = io.BytesIO()
         # JPEG: a heat map needs no lossless copy, and a 224 px one encodes in 0.15 ms against 2.9 ms as PNG
         image.convert("RGB").save(buffer, format="JPEG", quality=92)
-        data = buffer.getvalue()
+        return self.store(buffer.getvalue())
+
+    def store(self, data: bytes) -> str:
+        """Hand out JPEG bytes (a similar case's thumbnail) as a file named by its content."""
+        self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"{hashlib.sha256(data).hexdigest()[:32]}{OUTPUT_SUFFIX}"
         self._prune()  # before saving, so the file handed out now is never the one pruned
         if path.exists():
@@ -115,9 +120,10 @@ class RequestHandler:
 
     predictor: Classifier
     top_k: int = 3
+    cases: int = DEFAULT_CASES  # similar training X-rays shown (when the checkpoint has an index)
     outputs: OutputImages = field(default_factory=OutputImages)
 
-    def __call__(self, file: str | None, show_heatmap: bool = True) -> tuple[dict[str, float], str, str]:
+    def __call__(self, file: str | None, show_heatmap: bool = True) -> tuple[dict[str, float], str, str, list[tuple[str, str]]]:
         if not file:
             raise gr.Error("Please upload an X-ray image first (JPEG, PNG, TIFF, WebP or DICOM).")
         name = Path(file).name
@@ -132,10 +138,17 @@ class RequestHandler:
         prediction = analysis.prediction
         shown = self.outputs.save(overlay_heatmap(analysis.view, analysis.heatmap) if analysis.heatmap is not None else image)
         if prediction.xray_check_passed is False:
-            return {}, NOT_XRAY, shown
+            return {}, NOT_XRAY, shown, []
         text = answer_text(prediction.top_label, prediction.top_probability, prediction.unsure, self.predictor.unsure_below)
         text += "\n\n" + describe(prediction.top_label)
-        return prediction.top(self.top_k), text, shown
+        return prediction.top(self.top_k), text, shown, self.similar(prediction)
+
+    def similar(self, prediction: Prediction) -> list[tuple[str, str]]:
+        """The nearest labelled training X-rays as (thumbnail file, caption), from the features of the same forward pass."""
+        index = getattr(self.predictor, "similar_cases", None)
+        if index is None or prediction.embedding is None or self.cases < 1:
+            return []
+        return [(self.outputs.store(case.thumbnail), case.caption()) for case in index.nearest(prediction.embedding, self.cases)]
 
     def preview(self, file: str | None) -> str | None:
         """The chosen file as the model reads it (a DICOM or 16-bit image after windowing), shown before the answer
@@ -196,12 +209,27 @@ def build_demo(predictor: Classifier, examples: list[str] | None = None) -> gr.B
                 labels = gr.Label(num_top_classes=classify.top_k, label="Top fracture types (probability)", show_heading=False, elem_id="labels")
                 picture = gr.Image(label="Model view / heat map", type="filepath", interactive=False, elem_id="heatmap")
                 info = gr.Markdown(elem_id="info")
-        outputs = [labels, info, picture]
+        index = getattr(predictor, "similar_cases", None)
+        with gr.Row(visible=index is not None):
+            with gr.Column():
+                cases = gr.Gallery(label="Most similar labelled training X-rays (from the model's own features)", columns=6, height=300,
+                                   object_fit="contain", elem_id="cases", interactive=False)
+                gr.Markdown(cases_note(index), elem_id="cases-note")
+        outputs = [labels, info, picture, cases]
         button.click(classify, inputs=[upload, show_heatmap], outputs=outputs, api_name="predict")
         upload.change(classify.preview, inputs=[upload], outputs=[preview], api_name=False)  # an upload, an example or a clear
         upload.upload(classify, inputs=[upload, show_heatmap], outputs=outputs, api_name=False)
         pasted.upload(classify, inputs=[pasted, show_heatmap], outputs=outputs, api_name=False)
     return demo
+
+
+def cases_note(index: CaseIndex | None) -> str:
+    if index is None:
+        return ""
+    return ("<sub>These are the training X-rays whose features this model finds closest, with their dataset labels: "
+            "a look-alike is not proof of the same fracture type, and some labels are wrong. Similarity runs from 0 to 1 "
+            "(1: the model sees no difference); \"label doubted\" marks a case whose label our label audit questions, "
+            f"\"has a near-copy\" one that appears twice in the training data. {index.credit}</sub>")
 
 
 def serving_threads(predictor: Classifier) -> bool:

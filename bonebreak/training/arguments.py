@@ -185,6 +185,13 @@ class BoneBreakTrainingArguments(TrainingArguments):
         default=True,
         metadata={"help": "Also write an ONNX copy (model.onnx, verified against PyTorch) that the app and CLI run on CPU by default."},
     )
+    similar_cases: bool | None = field(
+        default=None,
+        metadata={"help": "Write the similar-cases index (similar_cases.safetensors: features and small thumbnails of the "
+                  "training X-rays, shown beside each answer). Default: on for the shipped bone-break data (CC BY 4.0, credited), "
+                  "off for other data, since it ships thumbnails of your images; --similar_cases turns it on, "
+                  "--similar_cases false off."},
+    )
     evaluate_test: bool = field(
         default=True, metadata={"help": "After training, evaluate the best model on the test split (never used for selection)."}
     )

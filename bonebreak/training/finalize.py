@@ -18,9 +18,10 @@ from ..common.checkpoint_format import CALIBRATION_FILE, METRICS_FILE, XRAY_CHEC
 from ..data.loading import LoadedData, image_paths
 from ..data.splits import Split
 from ..evaluation.calibration import calibrate_model
-from ..evaluation.model_card import render
+from ..evaluation.model_card import known_dataset, render
 from ..evaluation.plots import plot_training_curves
 from ..evaluation.reports import comparison_table, evaluate_splits, record_results
+from ..models.case_index import write_case_index
 from ..models.checkpoints import save_checkpoint
 from ..models.onnx_export import export_onnx
 
@@ -29,9 +30,14 @@ logger = logging.getLogger(__name__)
 SCRATCH_FILES = ("training_curves.png", "reliability_validation.png", XRAY_CHECK_FILE, XRAY_CHECK_ONNX, CALIBRATION_FILE)
 
 
+def similar_cases_wanted(choice: bool | None, summary: dict[str, Any]) -> bool:
+    """--similar_cases: as asked, else only for the shipped bone-break data, whose license allows showing its pictures."""
+    return known_dataset(summary) if choice is None else choice
+
+
 def package_model(
     model: Any, processor: Any, data: LoadedData, summary: dict[str, Any], log_history: list[dict[str, Any]], output_dir: str | Path,
-    evaluate_test: bool = True, onnx: bool = True,
+    evaluate_test: bool = True, onnx: bool = True, similar_cases: bool | None = None,
 ) -> tuple[Path, dict[str, dict[str, Any]]]:
     """Calibrate, evaluate on validation (and test), plot, write the model card, save atomically.
 
@@ -39,6 +45,8 @@ def package_model(
     the forward users get (measured: under bf16 autocast up to 3 of 108 clean-Test predictions
     came out differently). Returns the saved folder and the evaluation report of each split.
     """
+    build_cases = similar_cases_wanted(similar_cases, summary)
+    summary["similar_cases"] = build_cases  # the card says what the folder ships
     names = [str(Split.VALIDATION)] + ([str(s) for s in (Split.TEST, Split.CLEAN_TEST) if s in data.splits] if evaluate_test else [])
     with tempfile.TemporaryDirectory() as scratch_name:
         scratch = Path(scratch_name)
@@ -61,6 +69,11 @@ def package_model(
             export_onnx(saved)
         except Exception as error:  # the PyTorch checkpoint is complete and usable without it
             logger.warning("ONNX export failed, the app and CLI will run on PyTorch: %s", error)
+    if build_cases:
+        try:
+            write_case_index(saved, data, known_dataset(summary))
+        except ValueError as error:  # e.g. a network without pooled features: the model serves without similar cases
+            logger.warning("no similar-cases index: %s", error)
     return saved, reports
 
 

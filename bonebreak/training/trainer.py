@@ -259,7 +259,7 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, args: Bon
     if trainer.is_world_process_zero():
         model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)  # the fp32 forward users get
         saved, reports = package_model(model, processor, data, summary, trainer.state.log_history, args.output_dir,
-                                       evaluate_test=args.evaluate_test, onnx=args.export_onnx)
+                                       evaluate_test=args.evaluate_test, onnx=args.export_onnx, similar_cases=args.similar_cases)
         if args.push_to_hub:
             push_to_hub(trainer, args, saved)
         print("\n" + final_message(saved, reports, train_seconds), flush=True)

@@ -8,7 +8,8 @@
    (the JSON says so); its size is measured all the same.
 2. Start-up: each app is started STARTS times, the two alternating (after one untimed start each, so the disk cache
    is warm for both), timing process start to the first ``/predict`` answer through ``gradio_client``.
-3. Requests: after each side's last start, REQUESTS sequential ``/predict`` calls over the examples; p50 and p95.
+3. Requests: both apps running at once, REQUESTS ``/predict`` calls to each over the examples, in turn (which app goes
+   first alternates), so a change in the machine's load falls on both; p50 and p95.
 
 Targets (issue 29): Space venv <= 1 GB; Space first answer <= 0.5x the full install's; Space request p50 <= 1.0x the
 full app's. Writes benchmarks/results/space/<time>.json and a bar chart (.png) beside it.
@@ -26,7 +27,9 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Iterator
 
 from benchmarks.records import write_report
 from benchmarks.timing import percentiles_ms
@@ -60,9 +63,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def first_answer(python: Path, cwd: Path, log: Path, requests: int = 0) -> tuple[float, list[float]]:
-    """Seconds from starting ``python app.py`` in ``cwd`` to its first ``/predict`` answer, then the seconds of
-    ``requests`` more answers; the app is stopped before returning."""
+@contextmanager
+def started_app(python: Path, cwd: Path, log: Path) -> Iterator[tuple[float, Any]]:
+    """Start ``python app.py`` in ``cwd``; yields the seconds from process start to its first ``/predict`` answer and a
+    ``gradio_client`` connected to it; the app is stopped on exit."""
     from gradio_client import Client, handle_file
 
     port = free_port()
@@ -82,16 +86,18 @@ def first_answer(python: Path, cwd: Path, log: Path, requests: int = 0) -> tuple
                 time.sleep(0.05)
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
         client.predict(handle_file(str(EXAMPLES[0])), True, api_name="/predict")
-        start_seconds = time.perf_counter() - started
-        seconds = []
-        for index in range(requests):
-            begun = time.perf_counter()
-            client.predict(handle_file(str(EXAMPLES[index % len(EXAMPLES)])), True, api_name="/predict")
-            seconds.append(time.perf_counter() - begun)
-        return start_seconds, seconds
+        yield time.perf_counter() - started, client
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def request_seconds(client: Any, index: int) -> float:
+    from gradio_client import handle_file
+
+    begun = time.perf_counter()
+    client.predict(handle_file(str(EXAMPLES[index % len(EXAMPLES)])), True, api_name="/predict")
+    return time.perf_counter() - begun
 
 
 def plot(report: dict, path: Path) -> None:
@@ -144,17 +150,21 @@ def main(argv: list[str] | None = None) -> dict:
     logs = workdir / "logs"
     logs.mkdir(exist_ok=True)
     for side, (folder, _, cwd) in venvs.items():  # untimed: warms the disk cache for both
-        first_answer(folder / "bin" / "python", cwd, logs / f"{side}-warmup.log")
+        with started_app(folder / "bin" / "python", cwd, logs / f"{side}-warmup.log"):
+            pass
     starts: dict[str, list[float]] = {"full": [], "space": []}
-    requests: dict[str, list[float]] = {}
     for run in range(args.starts):
         for side, (folder, _, cwd) in venvs.items():
-            last = run == args.starts - 1
-            seconds, answers = first_answer(folder / "bin" / "python", cwd, logs / f"{side}-{run}.log", args.requests if last else 0)
-            starts[side].append(seconds)
-            if last:
-                requests[side] = answers
+            with started_app(folder / "bin" / "python", cwd, logs / f"{side}-{run}.log") as (seconds, _):
+                starts[side].append(seconds)
             print(f"start {run + 1}/{args.starts} {side}: first answer after {seconds:.2f} s", flush=True)
+    # Requests: both apps up at once and asked in turn, so drift in the machine's load falls on both alike.
+    requests: dict[str, list[float]] = {"full": [], "space": []}
+    with started_app(venvs["full"][0] / "bin" / "python", venvs["full"][2], logs / "full-requests.log") as (_, full), \
+            started_app(venvs["space"][0] / "bin" / "python", venvs["space"][2], logs / "space-requests.log") as (_, space_client):
+        for index in range(args.requests):
+            for side, client in (("full", full), ("space", space_client)) if index % 2 else (("space", space_client), ("full", full)):
+                requests[side].append(request_seconds(client, index))
     for side in venvs:
         report[side].update({"first_answer_s": [round(s, 2) for s in starts[side]], "first_answer_median_s": round(statistics.median(starts[side]), 2),
                              **{f"request_{k}": v for k, v in percentiles_ms(requests[side]).items()}})

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from ..common.checkpoint_format import CLASS_MAPS, WEIGHTS_HASH_KEY
+from ..common.checkpoint_format import CLASS_MAPS, WEIGHTS_HASH_KEY, ModelLoadError
 from ..data.decode import DEFAULT_LIMITS, DecodeLimits
 from .checkpoint_info import ensemble_members, read_checkpoint_info
 from .ensemble import Ensemble
@@ -57,6 +57,16 @@ def choose_forward(path: Path, backend: str, torch_forward: TorchForwardFactory 
         return torch_forward(path)
 
 
+def load_cases(path: Path, stamp: str | None) -> CaseIndex | None:
+    """The folder's similar cases; a stale index (built from other weights) is left out with a warning naming the fix,
+    as a stale ONNX copy is: the model still answers, only without cases."""
+    try:
+        return CaseIndex.load(path, stamp)
+    except ModelLoadError as error:
+        logger.warning("serving without similar cases: %s", error)
+        return None
+
+
 def load_predictor(path: str | os.PathLike, backend: str = "auto", torch_forward: TorchForwardFactory | None = None,
                    xray_check: bool = True, calibrated: bool = True, limits: DecodeLimits = DEFAULT_LIMITS,
                    unsure_below: float = DEFAULT_UNSURE_BELOW, similar_cases: bool = True) -> Predictor:
@@ -75,7 +85,7 @@ def load_predictor(path: str | os.PathLike, backend: str = "auto", torch_forward
     stamp = weights_stamp(path) or getattr(forward, "metadata", {}).get(WEIGHTS_HASH_KEY)
     predictor = Predictor(info.labels, info.preprocess, forward, temperature=info.temperature if calibrated else 1.0,
                           xray_check=XrayCheck.load(path) if xray_check else None, grad_cam=grad_cam, limits=limits,
-                          unsure_below=unsure_below, similar_cases=CaseIndex.load(path, stamp) if similar_cases else None)
+                          unsure_below=unsure_below, similar_cases=load_cases(path, stamp) if similar_cases else None)
     logger.info("%s: %s", path, predictor.description)
     return predictor
 

@@ -51,7 +51,7 @@ def write_image(path: Path, seed: int) -> Path:
 
 # Modules whose tests train real models or start the real server and browser (seconds to a
 # minute each); `pytest -m "not slow"` runs the rest in about a minute.
-SLOW_MODULES = {"test_app", "test_export", "test_heatmap", "test_own_dataset", "test_recipes", "test_reliability",
+SLOW_MODULES = {"test_app", "test_export", "test_feedback_flow", "test_heatmap", "test_hub_backbones", "test_own_dataset", "test_recipes", "test_reliability",
                 "test_requirements", "test_space", "test_training"}
 
 
@@ -112,6 +112,18 @@ def tiny_convnext(tmp_path_factory) -> Path:
     ConvNextForImageClassification(config).save_pretrained(folder)
     ConvNextImageProcessor(size={"shortest_edge": 64}).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def hub_home(tmp_path_factory) -> Path:
+    """$HF_HOME whose hub/ cache holds tiny random ViT, ConvNeXt, Swin and DINOv2 models under their real Hub ids, laid
+    out as a download leaves it (tests/hub_cache.py); ``hub_cache.use_hub_cache(monkeypatch, hub_home)`` points
+    huggingface_hub and transformers at it, offline."""
+    from hub_cache import build_hub_cache
+
+    home = tmp_path_factory.mktemp("hf_home")
+    build_hub_cache(home)
+    return home
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ from PIL import Image
 
 from bonebreak.models.torch_backend import TorchForward, load_classifier
 from bonebreak.serving.loader import load_predictor
-from bonebreak.serving.ui import NOT_XRAY, OutputImages, RequestHandler, build_demo, example_files, fracture_info
+from bonebreak.serving.ui import NOT_XRAY, RequestHandler, build_demo, example_files, fracture_info
 from conftest import REPO, SHIPPED_MODEL, bomb_png, gradient16, make_dicom, start_app, synthetic_xray
 
 UPLOAD = "#upload input[type=file]"

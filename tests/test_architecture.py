@@ -48,8 +48,18 @@ def test_every_folder_says_what_it_does_and_stays_small():
         docstring = ast.get_docstring(ast.parse((folder / "__init__.py").read_text())) or ""
         assert len(docstring) > 40, f"{folder.name}/__init__.py needs a docstring saying what the folder is for"
         modules = [p for p in folder.glob("*.py") if p.name != "__init__.py"]
-        limit = MAX_MODULES_PER_FOLDER + (1 if folder.name == "commands" else 0)  # one module per subcommand, nothing else
-        assert len(modules) <= limit, f"{folder.name}/ has {len(modules)} modules: split it by job"
+        if folder.name == "commands":
+            continue  # one module per subcommand, nothing else: test_commands_folder_holds_one_module_per_command
+        assert len(modules) <= MAX_MODULES_PER_FOLDER, f"{folder.name}/ has {len(modules)} modules: split it by job"
+
+
+def test_commands_folder_holds_one_module_per_command():
+    from bonebreak.commands import COMMANDS
+
+    modules = {p.stem for p in (PACKAGE / "commands").glob("*.py") if p.name != "__init__.py"}
+    wanted = {module for module, _ in COMMANDS.values()}
+    assert modules == wanted, (f"commands/ holds exactly one module per entry of COMMANDS: not commands {sorted(modules - wanted)}, "
+                               f"missing {sorted(wanted - modules)}")
 
 
 def test_no_package_import_is_hidden_inside_a_function():

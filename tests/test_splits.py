@@ -7,7 +7,6 @@ No image is decoded: these functions only look at paths, labels and split names.
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from pathlib import Path
 
 import pytest

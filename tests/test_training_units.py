@@ -150,6 +150,16 @@ def test_precision_choice():
             BoneBreakTrainingArguments(**{flag[2:]: value})
 
 
+def test_saved_training_arguments_leave_the_hub_token_out(tmp_path):
+    """The Trainer saves its arguments (training_args.bin) in every checkpoint and pushes that file with --push_to_hub."""
+    _, _, args = parse_arguments(["--push_to_hub", "--hub_model_id", "someone/x", "--hub_token", "hf_secret123"])
+    torch.save(args, tmp_path / "training_args.bin")
+    assert b"hf_secret123" not in (tmp_path / "training_args.bin").read_bytes()
+    saved = torch.load(tmp_path / "training_args.bin", weights_only=False)
+    assert saved.hub_token is None and saved.hub_model_id == "someone/x" and saved.push_to_hub
+    assert args.hub_token == "hf_secret123"  # the running Trainer keeps it for its own uploads
+
+
 def test_augmentation_policies_give_model_sized_tensors():
     cfg = PreprocessConfig(image_size=48, mean=(0.5,) * 3, std=(0.5,) * 3)
     for policy in ("basic", "trivial", "randaugment"):

@@ -24,6 +24,7 @@ COMMANDS = {
     "export-space": ("export_space", "write a Hugging Face Space folder that serves a checkpoint without PyTorch"),
     "model-card": ("model_card", "re-evaluate a checkpoint and rewrite its model card"),
     "add-member": ("add_member", "make a checkpoint an ensemble by adding another trained model"),
+    "feedback": ("feedback", "review the app's feedback folder, then turn accepted flags into extra training images"),
     "label-issues": ("label_issues", "rank likely label errors from cross-validation (cleanlab)"),
     "experiments": ("experiments", "lab: run recipes under the paired repeated-CV protocol, regenerate docs/experiments.md"),
 }

@@ -1,25 +1,30 @@
 """What a run trains on: the training split after the data options that thin or fix it.
 
 ``--dedup_groups`` (one image per near-duplicate group), ``--exclude_file`` (paths to leave out),
-``--relabel_file`` (path -> label) and ``--max_train_samples`` change the *training* images only.
-Validation, Test and clean Test keep every image and their original labels, and in
+``--relabel_file`` (path -> label), ``--max_train_samples`` and ``--extra_train_dir`` (class folders of images to add)
+change the *training* images only. Validation, Test and clean Test keep every image and their original labels, and in
 cross-validation the held-out fold is scored on all its images as labelled, so cleaning the
-training labels can never flatter a score. ``bonebreak label-issues`` and ``bonebreak feedback`` write files that
-``--exclude_file`` and ``--relabel_file`` read.
+training labels can never flatter a score; an extra image that is a pixel-exact copy of a validation or Test image is
+left out. ``bonebreak label-issues`` writes files that ``--exclude_file`` and ``--relabel_file`` read;
+``bonebreak feedback --apply`` writes the folder ``--extra_train_dir`` reads.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import datasets
 
 from ..common.files import file_sha256
-from .loading import LoadedData, image_paths, one_per_group, split_counts_of
+from .decode import load_image
+from .layouts import scan_folder
+from .loading import LoadedData, drop_unreadable, image_paths, one_per_group, split_counts_of, to_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -77,9 +82,35 @@ def relabelled(split: datasets.Dataset, new_label: dict[str, str], labels: list[
     return split.remove_columns("label").add_column("label", new, feature=split.features["label"]), changed
 
 
+def pixel_digest(path: str | os.PathLike) -> str:
+    image = load_image(path)
+    return hashlib.sha256(f"{image.size}".encode() + image.tobytes()).hexdigest()
+
+
+def extra_training_images(folder: str | os.PathLike, data: LoadedData) -> tuple[datasets.Dataset, dict[str, Any], list]:
+    """``--extra_train_dir``: its class folders as a train split of ``data``'s labels, unreadable files and copies of
+    validation or Test images left out; the record, and the unreadable files as (path, reason)."""
+    flag = "--extra_train_dir"
+    if not Path(folder).is_dir():
+        raise ValueError(f"{flag} {folder}: no such folder (class folders of images, e.g. from `bonebreak feedback --apply`)")
+    samples = scan_folder(folder)
+    unknown = sorted({s.label for s in samples} - set(data.labels))
+    if unknown:
+        raise ValueError(f"{flag} {folder}: unknown label(s) {unknown}; the dataset's labels are {data.labels}")
+    samples, broken = drop_unreadable(samples)
+    held_out = {pixel_digest(path) for name, split in data.splits.items() if name != "train" for path in image_paths(split)}
+    kept = [s for s in samples if pixel_digest(s.path) not in held_out]
+    for sample in samples:
+        if sample not in kept:
+            logger.warning("%s: leaving out %s, a copy of a validation or Test image", flag, sample.path)
+    record = {"path": str(folder), "images": len(kept), "per_label": dict(sorted(Counter(s.label for s in kept).items())),
+              "unreadable": len(broken), "copies_of_held_out": len(samples) - len(kept)}
+    return to_dataset(kept, data.labels), record, broken
+
+
 def edit_training_split(
     data: LoadedData, *, seed: int, dedup_groups: bool = False, exclude_file: str | None = None, relabel_file: str | None = None,
-    max_train_samples: int | None = None,
+    max_train_samples: int | None = None, extra_train_dir: str | None = None,
 ) -> tuple[LoadedData, dict[str, Any]]:
     """``data`` with its train split thinned and relabelled as asked; the record of what changed (for metrics.json
     and the model card). Only ``train`` changes."""
@@ -107,7 +138,13 @@ def edit_training_split(
         logger.info("--relabel_file: %d training labels changed (%d listed)", changed, len(new_label))
     if max_train_samples:
         train = train.shuffle(seed=seed).select(range(min(max_train_samples, len(train))))
+    broken = list(data.broken)
+    if extra_train_dir:  # after the thinning options: every accepted extra image is trained on
+        extra, record["extra_train_dir"], unreadable = extra_training_images(extra_train_dir, data)
+        broken += unreadable
+        train = datasets.concatenate_datasets([train, extra]) if len(extra) else train
+        logger.info("--extra_train_dir: %d training images added (%s)", len(extra), record["extra_train_dir"]["per_label"])
     record["train_images"] = len(train)
     splits = datasets.DatasetDict({**data.splits, "train": train})
     counts = {**data.counts, "train": split_counts_of(train, data.labels)}
-    return LoadedData(splits, data.labels, counts, data.broken, data.layout, data.grouped, data.root, data.manifest, record), record
+    return LoadedData(splits, data.labels, counts, broken, data.layout, data.grouped, data.root, data.manifest, record), record

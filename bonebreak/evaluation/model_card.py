@@ -86,6 +86,9 @@ def _training_edits(edits: dict[str, Any]) -> str:
         e = edits["relabel_file"]
         lines.append(f"- Trained under another label: {e['relabelled_in_train']} images listed in `{e['path']}` (sha256 {e['sha256']}); "
                      "validation and Test keep their original labels.")
+    if "extra_train_dir" in edits:
+        e = edits["extra_train_dir"]
+        lines.append(f"- Added to training only: {e['images']} images from `{e['path']}` (e.g. reviewed app feedback).")
     return "\n".join(lines) + ("\n" if lines else "")
 
 

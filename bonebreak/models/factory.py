@@ -146,7 +146,34 @@ def set_image_size(model: PreTrainedModel, processor: Any, image_size: int) -> A
         processor.size = {"shortest_edge": image_size}
     if hasattr(model.config, "image_size") and not isinstance(processor, TimmWrapperImageProcessor):
         model.config.image_size = image_size
+        resize_position_embeddings(model, image_size)
     return processor
+
+
+def resize_position_embeddings(model: PreTrainedModel, image_size: int) -> None:
+    """Resample ViT-style position embeddings (a class token's, then one per patch) to ``image_size``'s patch grid,
+    with the model's own interpolation, so the model takes that size and its saved weights match the saved
+    ``config.image_size``. Without it ViT refuses any other input size, and DINOv2 (which interpolates on every
+    forward) saves weights that do not load. Models without such a table (ConvNeXt, Swin, timm) are left alone."""
+    embeddings = getattr(model.base_model, "embeddings", None)
+    table = getattr(embeddings, "position_embeddings", None)
+    patches = getattr(embeddings, "patch_embeddings", None)
+    if not isinstance(table, torch.nn.Parameter) or patches is None or not hasattr(embeddings, "interpolate_pos_encoding"):
+        return
+    patch = patches.patch_size[0] if isinstance(patches.patch_size, (tuple, list)) else patches.patch_size
+    tokens = 1 + (image_size // patch) ** 2
+    if table.shape[1] == tokens:
+        return
+    with torch.no_grad():
+        resized = embeddings.interpolate_pos_encoding(table.new_zeros(1, tokens, table.shape[-1]), image_size, image_size)
+    if tuple(resized.shape) != (1, tokens, table.shape[-1]):
+        raise ModelLoadError(f"cannot resize the position embeddings of this {model.config.model_type} model to {image_size} px")
+    embeddings.position_embeddings = torch.nn.Parameter(resized.detach().clone())
+    for module in (embeddings, patches):  # ViT checks the input against it
+        if hasattr(module, "image_size"):
+            module.image_size = (image_size, image_size)
+    if hasattr(patches, "num_patches"):
+        patches.num_patches = tokens - 1
 
 
 def load_image_processor(name_or_path: str | os.PathLike, model_type: str | None) -> Any:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..common.checkpoint_format import CLASS_MAPS, EMBEDDING, LOGITS, ONNX_FILE, WEIGHTS_HASH_KEY, XRAY_CHECK_ONNX
+from ..common.checkpoint_format import EMBEDDING, LOGITS, ONNX_FILE, WEIGHTS_HASH_KEY, XRAY_CHECK_ONNX
 from ..serving.onnx_runtime import PREPROCESS_KEY, OnnxForward, weights_stamp
 from .checkpoints import load_checkpoint
 from .embedder import PooledFeatures, imagenet_embedder

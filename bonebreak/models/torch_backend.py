@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import os
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -91,29 +90,42 @@ class ServingOutputs(torch.nn.Module):
         return logits, self._head_input[-1].flatten(1)
 
 
+def _patch_tokens(tokens: torch.Tensor) -> torch.Tensor:
+    """The last g * g of (T, C) tokens: the square patch grid, without leading class/register tokens."""
+    grid = int(math.isqrt(tokens.shape[0]))
+    return tokens[-grid * grid :]
+
+
 def grad_cam(model: torch.nn.Module, pixels: torch.Tensor, target: int | None = None) -> tuple[torch.Tensor, torch.Tensor, int, np.ndarray]:
     """Classic Grad-CAM (forward + backward) of the first image of ``pixels`` for class ``target``
     (None: the predicted class): (logits, features, target, unnormalised map at feature resolution).
 
     timm-backed models: the feature map that feeds the head; transformers models: the last
     hidden state, whose tokens are laid back on their square patch grid (leading class/register
-    tokens dropped).
+    tokens dropped). A head that reads only the class token (ViT) gets no gradient on the last
+    hidden state's patch tokens, so there the last block's input is used (as Grad-CAM for ViT does).
     """
     with torch.enable_grad():
         timm_model = getattr(model, "timm_model", None)
         if timm_model is not None:
             features = timm_model.forward_features(pixels)
             logits = timm_model.forward_head(features)
+            target = int(logits[0].argmax()) if target is None else target
+            (gradients,) = torch.autograd.grad(logits[0, target], features)
         else:
             outputs = model(pixel_values=pixels, output_hidden_states=True)
-            logits, features = outputs.logits, outputs.hidden_states[-1]
-        target = int(logits[0].argmax()) if target is None else target
-        (gradients,) = torch.autograd.grad(logits[0, target], features)
+            logits, hidden = outputs.logits, outputs.hidden_states
+            target = int(logits[0].argmax()) if target is None else target
+            candidates = list(hidden[-2:]) if len(hidden) > 1 and hidden[-1].ndim == 3 else [hidden[-1]]
+            grads = torch.autograd.grad(logits[0, target], candidates, allow_unused=True)
+            features, gradients = candidates[-1], grads[-1]
+            if len(candidates) == 2 and not _patch_tokens(gradients[0]).any() and grads[0] is not None:
+                features, gradients = candidates[0], grads[0]  # a class-token head: the last block's input
     maps, gradients = features.detach()[0].float(), gradients[0].float()
     if maps.ndim == 2:  # tokens: (T, C) -> (C, g, g)
         grid = int(math.isqrt(maps.shape[0]))
-        maps = maps[-grid * grid :].T.reshape(-1, grid, grid)
-        gradients = gradients[-grid * grid :].T.reshape(-1, grid, grid)
+        maps = _patch_tokens(maps).T.reshape(-1, grid, grid)
+        gradients = _patch_tokens(gradients).T.reshape(-1, grid, grid)
     weights = gradients.mean(dim=(1, 2), keepdim=True)
     cam = torch.relu((weights * maps).sum(dim=0))
     return logits.detach().float(), features.detach(), target, cam.cpu().numpy()

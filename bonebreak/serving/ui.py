@@ -23,6 +23,8 @@ from threadpoolctl import threadpool_limits
 from ..common.files import write_atomically
 from ..common.notices import RESEARCH_DEMO
 from ..data.decode import IMAGE_SUFFIXES, ImageLoadError
+from .feedback import NOT_XRAY as NOT_AN_XRAY
+from .feedback import RIGHT, WRONG, FeedbackFull, FeedbackStore, InvalidFeedback
 from .heatmaps import overlay_heatmap
 from .loader import Classifier
 from .onnx_runtime import OnnxForward
@@ -166,6 +168,58 @@ class RequestHandler:
         return self.outputs.save(image)
 
 
+FEEDBACK_NOTICE = ("**Feedback is on.** If you flag an answer below, this server stores a copy of that image (as the model "
+                   "read it), the model's answer and your verdict, for the people running it to review and retrain the "
+                   "model. Nothing else is stored: images you do not flag are not kept.")
+VERDICT_CHOICES = [("Right", RIGHT), ("Wrong: the right type is", WRONG), ("Not an X-ray", NOT_AN_XRAY)]
+
+
+@dataclass
+class FeedbackHandler:
+    """The function behind the flag button and /feedback: re-classifies the file (cheap) and stores one flag."""
+
+    predictor: Classifier
+    store: FeedbackStore
+
+    def __call__(self, file: str | None, verdict: str | None, kind: str | None, pasted: str | None = None) -> str:
+        file = pasted or file  # the page passes a pasted image it last classified; the API the uploaded file
+        if not file:
+            raise gr.Error("Upload the X-ray you want to flag first.")
+        try:
+            self.store.check(verdict, kind)  # before any work
+            image = self.predictor.load(file)
+            prediction = self.predictor.analyse(image, heatmap=False).prediction
+            self.store.record(image, prediction.top_label, prediction.top_probability, verdict, kind, prediction.xray_check_passed)
+        except InvalidFeedback as error:
+            raise gr.Error(str(error)) from error
+        except ImageLoadError as error:
+            raise gr.Error(f"Could not read '{Path(file).name}': {str(error).split(': ', 1)[-1]}") from error
+        except FeedbackFull as error:
+            gr.Warning(str(error))
+            return str(error)
+        except Exception as error:  # a flag never takes the page down
+            logger.exception("storing feedback failed for %s", file)
+            gr.Warning("Sorry, this flag could not be stored.")
+            return f"Sorry, this flag could not be stored ({type(error).__name__})."
+        return "Thank you: your feedback is stored for review."
+
+
+def feedback_section(predictor: Classifier, store: FeedbackStore, upload: gr.File, pasted: gr.Image) -> None:
+    """The flag controls under the answer, wired to /feedback (only built when feedback is on)."""
+    handler = FeedbackHandler(predictor, store)
+    last_pasted = gr.State(None)  # not part of the API: /feedback takes (file, verdict, type)
+    with gr.Row(), gr.Column():
+        gr.Markdown(FEEDBACK_NOTICE, elem_id="feedback-notice")
+        with gr.Row():
+            verdict = gr.Radio(VERDICT_CHOICES, label="Was this answer right?", elem_id="verdict")
+            kind = gr.Dropdown(list(predictor.labels), value=None, label="The right type (when the answer is wrong)", elem_id="kind")
+        send = gr.Button("Send feedback")
+        status = gr.Markdown(elem_id="feedback-status")
+    send.click(handler, inputs=[upload, verdict, kind, last_pasted], outputs=[status], api_name="feedback")
+    pasted.upload(lambda file: file, inputs=[pasted], outputs=[last_pasted], api_name=False)
+    upload.change(lambda _: None, inputs=[upload], outputs=[last_pasted], api_name=False)
+
+
 def example_files(folder: Path = EXAMPLES_DIR) -> list[str]:
     if not folder.is_dir():
         return []
@@ -182,7 +236,8 @@ def heatmap_label(predictor: Classifier) -> str:
     return "Show Grad-CAM heat map (where the model looked)"
 
 
-def build_demo(predictor: Classifier, examples: list[str] | None = None) -> gr.Blocks:
+def build_demo(predictor: Classifier, examples: list[str] | None = None, feedback: FeedbackStore | None = None) -> gr.Blocks:
+    """The page; ``feedback`` (a store, from ``--feedback_dir``) adds the flag controls and says what they store."""
     classify = RequestHandler(predictor)
     examples = example_files() if examples is None else examples
     # Uploads and heat maps are cached on disk per request: drop files older than an hour.
@@ -215,6 +270,8 @@ def build_demo(predictor: Classifier, examples: list[str] | None = None) -> gr.B
                 cases = gr.Gallery(label="Most similar labelled training X-rays (from the model's own features)", columns=6, height=300,
                                    object_fit="contain", elem_id="cases", interactive=False)
                 gr.Markdown(cases_note(index), elem_id="cases-note")
+        if feedback is not None:
+            feedback_section(predictor, feedback, upload, pasted)
         outputs = [labels, info, picture, cases]
         button.click(classify, inputs=[upload, show_heatmap], outputs=outputs, api_name="predict")
         upload.change(classify.preview, inputs=[upload], outputs=[preview], api_name=False)  # an upload, an example or a clear
@@ -263,8 +320,11 @@ def launch(demo: gr.Blocks, host: str, port: int, concurrency: int = DEFAULT_CON
 
 
 def serve(predictor: Classifier, host: str | None = None, port: int | None = None, concurrency: int = DEFAULT_CONCURRENCY,
-          max_upload_mb: int = DEFAULT_MAX_UPLOAD_MB) -> None:
-    """Serve a loaded classifier's page until stopped: what `bonebreak app` and an exported Space's app.py run."""
+          max_upload_mb: int = DEFAULT_MAX_UPLOAD_MB, feedback: FeedbackStore | None = None) -> None:
+    """Serve a loaded classifier's page until stopped: what `bonebreak app` and an exported Space's app.py run
+    (``feedback``: store visitors' flags there; off unless given)."""
     if serving_threads(predictor):
         logger.info("ONNX Runtime serves every network: BLAS kept to one thread")
-    launch(build_demo(predictor), *server_address(host, port), concurrency, max_upload_mb)
+    if feedback is not None:
+        logger.info("feedback is on: flagged images are stored in %s", feedback.folder)
+    launch(build_demo(predictor, feedback=feedback), *server_address(host, port), concurrency, max_upload_mb)

@@ -74,6 +74,8 @@ class DataArguments:
                                      "training images to leave out (`bonebreak label-issues` writes some). Validation and Test keep them."})
     relabel_file: str | None = field(default=None, metadata={"help": "CSV with 'path' and 'label' (or 'suggested_label') columns: training "
                                      "images to train under another label. Validation and Test keep their original labels."})
+    extra_train_dir: str | None = field(default=None, metadata={"help": "Class folders (<label>/<image>) of extra images added to "
+                                        "the training split only, e.g. reviewed app feedback from `bonebreak feedback --apply`."})
 
     def __post_init__(self) -> None:
         check_fraction(self.val_fraction)
@@ -243,6 +245,11 @@ class BoneBreakTrainingArguments(TrainingArguments):
         given = self.output_dir
         super().__post_init__()
         self.output_dir = given  # Transformers would fill in "trainer_output"; setup.with_output_dir() picks a new run folder
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled without ``--hub_token``: the Trainer writes these arguments as training_args.bin into every
+        checkpoint and, with ``--push_to_hub``, uploads that file to the Hub repository."""
+        return {**self.__dict__, "hub_token": None}
 
     @property
     def work_dir(self) -> Path:

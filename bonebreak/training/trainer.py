@@ -57,9 +57,10 @@ def load_data(data: DataArguments, seed: int) -> LoadedData:
 
 
 def edit_training(data: LoadedData, options: DataArguments, seed: int) -> LoadedData:
-    """``--dedup_groups``, ``--exclude_file``, ``--relabel_file``, ``--max_train_samples``: the train split only."""
+    """``--dedup_groups``, ``--exclude_file``, ``--relabel_file``, ``--max_train_samples``, ``--extra_train_dir``: the train split only."""
     edited, _ = edit_training_split(data, seed=seed, dedup_groups=options.dedup_groups, exclude_file=options.exclude_file,
-                                    relabel_file=options.relabel_file, max_train_samples=options.max_train_samples)
+                                    relabel_file=options.relabel_file, max_train_samples=options.max_train_samples,
+                                    extra_train_dir=options.extra_train_dir)
     return edited
 
 

@@ -160,17 +160,18 @@ def test_transparent_pixels_become_black(mode):
     assert rgb[:, :8].max() == 0 and (rgb[:, 8:] >= 190).all()
 
 
-def test_a_multi_frame_dicom_shows_its_middle_frame(tmp_path):
+@pytest.mark.parametrize("count", [2, 5])  # two frames are already a multi-frame file
+def test_a_multi_frame_dicom_shows_its_middle_frame(tmp_path, count):
     from pydicom import dcmread
 
-    frames = np.stack([np.full((32, 32), v, np.uint16) for v in (0, 0, 4000, 0, 0)])
+    frames = np.stack([np.full((32, 32), 4000 if i == count // 2 else 0, np.uint16) for i in range(count)])
     frames[:, :, :16] = 2000  # the left half is the same grey on every frame; the right half differs
     path = make_dicom(tmp_path / "a.dcm", frames[0])
     dataset = dcmread(path)
-    dataset.NumberOfFrames, dataset.PixelData = 5, frames.tobytes()
+    dataset.NumberOfFrames, dataset.PixelData = count, frames.tobytes()
     dataset.save_as(path)
     gray = np.asarray(load_image(path))[..., 0]
-    assert gray[:, 16:].min() == 255 and gray[:, :16].max() == 0  # frame 2: the right half is the brightest
+    assert gray[:, 16:].min() == 255 and gray[:, :16].max() == 0  # the middle frame: its right half is the brightest
 
 
 def test_an_rgb_dicom_keeps_its_colours_and_skips_the_grey_level_window(tmp_path):

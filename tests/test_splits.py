@@ -60,18 +60,18 @@ def test_every_class_with_two_images_gets_exactly_one_validation_image(seed, cap
 
 
 @pytest.mark.parametrize(
-    "per_class, fraction, n_validation",
-    [({"A": 1, "B": 4, "C": 4}, 0.3, 3),  # a class of 1 image cannot be stratified
-     ({"A": 2, "B": 2, "C": 2}, 0.8, 5)],  # too few images would stay in train for every class
+    "per_class, fraction, n_validation, reason",
+    [({"A": 1, "B": 4, "C": 4}, 0.3, 3, "fewer than 2 training images"),  # a class of 1 image cannot be stratified
+     ({"A": 2, "B": 2, "C": 2}, 0.8, 5, "lower --val_fraction")],  # too few images would stay in train for every class
 )
-def test_an_unstratifiable_carve_still_splits_and_warns(per_class, fraction, n_validation, caplog):
+def test_an_unstratifiable_carve_still_splits_and_warns_why(per_class, fraction, n_validation, reason, caplog):
     train = train_samples(per_class)
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         kept, held_out = carve_validation(train, fraction, seed=0)
     assert len(held_out) == n_validation and len(kept) == len(train) - n_validation
     assert {s.split for s in kept} == {"train"} and {s.split for s in held_out} == {"validation"}
     assert sorted(s.path for s in kept + held_out) == sorted(s.path for s in train)
-    assert ["validation split is not stratified" in r.getMessage() for r in caplog.records] == [True]
+    assert ["validation split is not stratified" in r.getMessage() and reason in r.getMessage() for r in caplog.records] == [True]
 
 
 # --- manifests -----------------------------------------------------------------------------------------

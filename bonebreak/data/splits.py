@@ -59,9 +59,14 @@ def carve_validation(train: list[Sample], fraction: float, seed: int) -> tuple[l
     labels = [s.label for s in train]
     counts = Counter(labels)
     n_val = max(round(len(train) * fraction), len(counts))
-    stratify = labels if min(counts.values()) >= 2 and n_val <= len(train) - len(counts) else None
-    if stratify is None:
+    rare = min(counts.values()) < 2
+    too_big = n_val > len(train) - len(counts)  # stratifying needs every class left in train too
+    stratify = None if rare or too_big else labels
+    if rare:
         logger.warning("some class has fewer than 2 training images: validation split is not stratified")
+    elif too_big:
+        logger.warning("validation would take %d of %d training images, leaving too few to keep every class in both: "
+                       "validation split is not stratified (lower --val_fraction)", n_val, len(train))
     kept, held_out = train_test_split(train, test_size=n_val, random_state=seed, stratify=stratify)
     return [Sample(s.path, s.label, "train") for s in kept], [Sample(s.path, s.label, "validation") for s in held_out]
 

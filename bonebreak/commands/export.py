@@ -16,7 +16,7 @@ from pathlib import Path
 from ..common.argument_parser import parse
 from ..common.checkpoint_format import METRICS_FILE, ONNX_FILE, SHIPPED_MODEL, SIMILAR_CASES_FILE, XRAY_CHECK_FILE
 from ..data.layouts import resolve_data_dir
-from ..data.loading import load_splits
+from ..data.loading import load_splits, load_splits_as_trained
 from ..evaluation.card_refresh import refresh_card
 from ..evaluation.model_card import known_dataset
 from ..models.case_index import write_case_index
@@ -66,9 +66,8 @@ def write_similar_cases(model_path: str, data_dir: str | None) -> Path:
     split arguments); credited as the shipped dataset only when the checkpoint says it trained on it."""
     metrics = Path(model_path) / METRICS_FILE
     summary = json.loads(metrics.read_text()) if metrics.is_file() else {}
-    arguments = summary.get("arguments", {})
-    data = load_splits(resolve_data_dir(data_dir), val_fraction=arguments.get("val_fraction", 0.15), seed=arguments.get("seed", 42),
-                       split_manifest=arguments.get("split_manifest", "auto"))
+    root = resolve_data_dir(data_dir)
+    data = load_splits_as_trained(summary["arguments"], root) if summary else load_splits(root)
     path = write_case_index(model_path, data, known_dataset(summary) if summary else False)
     if summary:
         refresh_card(model_path, reuse_reports=True)  # the card lists the index it now ships

@@ -98,11 +98,15 @@ def extra_training_images(folder: str | os.PathLike, data: LoadedData) -> tuple[
     if unknown:
         raise ValueError(f"{flag} {folder}: unknown label(s) {unknown}; the dataset's labels are {data.labels}")
     samples, broken = drop_unreadable(samples)
-    held_out = {pixel_digest(path) for name, split in data.splits.items() if name != "train" for path in image_paths(split)}
-    kept = [s for s in samples if pixel_digest(s.path) not in held_out]
+    # Test holds clean_test's images too: each held-out file is decoded once
+    held_out_paths = {path for name, split in data.splits.items() if name != "train" for path in image_paths(split)}
+    held_out = {pixel_digest(path) for path in held_out_paths}
+    kept = []
     for sample in samples:
-        if sample not in kept:
+        if pixel_digest(sample.path) in held_out:
             logger.warning("%s: leaving out %s, a copy of a validation or Test image", flag, sample.path)
+        else:
+            kept.append(sample)
     record = {"path": str(folder), "images": len(kept), "per_label": dict(sorted(Counter(s.label for s in kept).items())),
               "unreadable": len(broken), "copies_of_held_out": len(samples) - len(kept)}
     return to_dataset(kept, data.labels), record, broken

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..common.checkpoint_format import SIMILAR_CASES_FILE, CALIBRATION_FILE, METRICS_FILE
+from ..common.checkpoint_format import CALIBRATION_FILE, METRICS_FILE, SIMILAR_CASES_FILE
 from ..data.layouts import resolve_data_dir
 from ..data.loading import load_splits_as_trained
 from ..data.splits import EVALUATION_SPLITS

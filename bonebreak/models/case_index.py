@@ -14,12 +14,11 @@ import logging
 import os
 from pathlib import Path
 
-from ..common.checkpoint_format import WEIGHTS_HASH_KEY
 from ..common.notices import DATASET_ATTRIBUTION
 from ..data.loading import LoadedData, image_paths, label_index_map
 from ..data.splits import read_manifest_groups
 from ..serving.loader import load_predictor
-from ..serving.onnx_runtime import weights_stamp
+from ..serving.onnx_runtime import served_weights_stamp
 from ..serving.similar_cases import build_index
 from .torch_backend import TorchForward
 
@@ -54,7 +53,7 @@ def write_case_index(checkpoint: str | os.PathLike, data: LoadedData, known_data
     group_ids: dict[str, int] = {}
     groups = [group_ids.setdefault(groups_by_path[Path(p)], len(group_ids)) if Path(p) in groups_by_path else -1 for p in paths]
     questioned = questioned_labels(label_audit, data.root)
-    stamp = weights_stamp(checkpoint) or getattr(predictor.forward, "metadata", {}).get(WEIGHTS_HASH_KEY)
+    stamp = served_weights_stamp(checkpoint, predictor.forward)
     index = build_index(predictor.embeddings, predictor.load, paths, [to_model[label] for label in train["label"]], predictor.labels,
                         DATASET_ATTRIBUTION if known_dataset else own_data_credit(data),
                         flagged=[Path(p) in questioned for p in paths], groups=groups, weights_stamp=stamp)

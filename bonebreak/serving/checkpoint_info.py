@@ -39,9 +39,14 @@ def labels_of(config: dict[str, Any]) -> list[str]:
     raise ModelLoadError("config.json names no labels (neither id2label nor label_names)")
 
 
-def has_weights(path: str | os.PathLike) -> bool:
-    """Whether the folder holds the safetensors weights (one file or an index of shards), not only their ONNX copy."""
-    return (Path(path) / WEIGHTS_FILE).is_file() or (Path(path) / f"{WEIGHTS_FILE}.index.json").is_file()
+def weights_file(path: str | os.PathLike) -> Path | None:
+    """The folder's safetensors weights: the one file, else the index that names every shard; None when the folder
+    holds only their ONNX copy (an exported Space)."""
+    single = Path(path) / WEIGHTS_FILE
+    for candidate in (single, single.with_name(f"{WEIGHTS_FILE}.index.json")):
+        if candidate.is_file():
+            return candidate
+    return None
 
 
 def read_checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
@@ -53,7 +58,7 @@ def read_checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
     config_file = path / CONFIG_FILE
     if not config_file.is_file():
         raise ModelLoadError(f"{path}: {CONFIG_FILE} is missing, this is not a complete checkpoint")
-    if not has_weights(path) and not (path / ONNX_FILE).is_file():  # an exported Space serves model.onnx alone
+    if weights_file(path) is None and not (path / ONNX_FILE).is_file():  # an exported Space serves model.onnx alone
         raise ModelLoadError(f"{path}: {WEIGHTS_FILE} is missing (only safetensors weights are loaded, never pickles)")
     config = _read_json(config_file)
     processor = _read_json(path / PREPROCESSOR_FILE) if (path / PREPROCESSOR_FILE).is_file() else None

@@ -13,11 +13,11 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from ..common.checkpoint_format import CLASS_MAPS, WEIGHTS_HASH_KEY, ModelLoadError
+from ..common.checkpoint_format import CLASS_MAPS, ModelLoadError
 from ..data.decode import DEFAULT_LIMITS, DecodeLimits
 from .checkpoint_info import ensemble_members, read_checkpoint_info
 from .ensemble import Ensemble
-from .onnx_runtime import OnnxUnavailable, load_classifier_onnx, weights_stamp
+from .onnx_runtime import OnnxUnavailable, load_classifier_onnx, served_weights_stamp
 from .predictor import DEFAULT_UNSURE_BELOW, Forward, Predictor
 from .similar_cases import CaseIndex
 from .xray_check import XrayCheck
@@ -81,8 +81,7 @@ def load_predictor(path: str | os.PathLike, backend: str = "auto", torch_forward
     grad_cam = getattr(forward, "grad_cam", None)
     if grad_cam is None and CLASS_MAPS not in getattr(forward, "output_names", ()) and torch_forward is not None:
         grad_cam = torch_forward(path).grad_cam  # ONNX has no class maps for this head: Grad-CAM needs PyTorch
-    # the index must come from the weights serving now: those beside it, else those its ONNX copy was exported from
-    stamp = weights_stamp(path) or getattr(forward, "metadata", {}).get(WEIGHTS_HASH_KEY)
+    stamp = served_weights_stamp(path, forward)  # the index must come from the weights serving now
     predictor = Predictor(info.labels, info.preprocess, forward, temperature=info.temperature if calibrated else 1.0,
                           xray_check=XrayCheck.load(path) if xray_check else None, grad_cam=grad_cam, limits=limits,
                           unsure_below=unsure_below, similar_cases=load_cases(path, stamp) if similar_cases else None)

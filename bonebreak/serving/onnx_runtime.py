@@ -10,6 +10,7 @@ import numpy as np
 
 from ..common.checkpoint_format import EXPORT_COMMAND, ONNX_FILE, WEIGHTS_FILE, WEIGHTS_HASH_KEY
 from ..common.files import file_sha256
+from .checkpoint_info import weights_file
 
 PREPROCESS_KEY = "bonebreak_preprocess"  # metadata of xray_check.onnx: the preprocessing its input expects (JSON)
 
@@ -49,10 +50,14 @@ class OnnxForward:
 def weights_stamp(checkpoint: str | os.PathLike) -> str | None:
     """SHA-256 of the weights a checkpoint's ONNX copy must have been exported from; None when the folder holds
     no weights (an exported Space ships the ONNX copy alone, so there is nothing it could be stale against)."""
-    path = Path(checkpoint) / WEIGHTS_FILE
-    if not path.is_file():  # sharded weights: the index names every shard's tensors
-        path = path.with_name(f"{WEIGHTS_FILE}.index.json")
-    return file_sha256(path) if path.is_file() else None
+    path = weights_file(checkpoint)
+    return None if path is None else file_sha256(path)
+
+
+def served_weights_stamp(checkpoint: str | os.PathLike, forward: object) -> str | None:
+    """The weights a checkpoint serves with ``forward``: the hash of the weights beside it, else the stamp of the ONNX
+    copy that stands in for them. What files derived from the weights (the similar-cases index) are checked against."""
+    return weights_stamp(checkpoint) or getattr(forward, "metadata", {}).get(WEIGHTS_HASH_KEY)
 
 
 def load_classifier_onnx(checkpoint: str | os.PathLike) -> OnnxForward:

@@ -72,6 +72,11 @@ def answer_text(top_label: str, top_probability: float, unsure: bool, threshold:
     return f"**Most likely type: {top_label}** ({top_probability:.0%})."
 
 
+def unreadable(file: str, error: ImageLoadError) -> gr.Error:
+    """The page's message for an upload that cannot be decoded: its name and the decoder's reason, without the path."""
+    return gr.Error(f"Could not read '{Path(file).name}': {str(error).split(': ', 1)[-1]}")
+
+
 OUTPUT_SUFFIX = ".jpg"
 PREVIEW_SIZE = 768  # longest side of the upload's preview, in pixels
 
@@ -133,7 +138,7 @@ class RequestHandler:
             image = self.predictor.load(file)  # decoded once; the predictor does not decode it again
             analysis = self.predictor.analyse(image, heatmap=show_heatmap)  # one forward pass
         except ImageLoadError as error:
-            raise gr.Error(f"Could not read '{name}': {str(error).split(': ', 1)[-1]}") from error
+            raise unreadable(file, error) from error
         except Exception as error:  # never let one upload take the server down
             logger.exception("prediction failed for %s", file)
             raise gr.Error(f"Could not process '{name}' ({type(error).__name__}). Please try another image.") from error
@@ -147,7 +152,7 @@ class RequestHandler:
 
     def similar(self, prediction: Prediction) -> list[tuple[str, str]]:
         """The nearest labelled training X-rays as (thumbnail file, caption), from the features of the same forward pass."""
-        index = getattr(self.predictor, "similar_cases", None)
+        index = self.predictor.similar_cases
         if index is None or prediction.embedding is None or self.cases < 1:
             return []
         return [(self.outputs.store(case.thumbnail), case.caption()) for case in index.nearest(prediction.embedding, self.cases)]
@@ -193,7 +198,7 @@ class FeedbackHandler:
         except InvalidFeedback as error:
             raise gr.Error(str(error)) from error
         except ImageLoadError as error:
-            raise gr.Error(f"Could not read '{Path(file).name}': {str(error).split(': ', 1)[-1]}") from error
+            raise unreadable(file, error) from error
         except FeedbackFull as error:
             gr.Warning(str(error))
             return str(error)
@@ -264,7 +269,7 @@ def build_demo(predictor: Classifier, examples: list[str] | None = None, feedbac
                 labels = gr.Label(num_top_classes=classify.top_k, label="Top fracture types (probability)", show_heading=False, elem_id="labels")
                 picture = gr.Image(label="Model view / heat map", type="filepath", interactive=False, elem_id="heatmap")
                 info = gr.Markdown(elem_id="info")
-        index = getattr(predictor, "similar_cases", None)
+        index = predictor.similar_cases
         with gr.Row(visible=index is not None):
             with gr.Column():
                 cases = gr.Gallery(label="Most similar labelled training X-rays (from the model's own features)", columns=6, height=300,

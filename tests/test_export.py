@@ -151,7 +151,7 @@ def test_own_data_gets_similar_cases_only_when_asked_and_then_the_app_shows_them
     from bonebreak.commands import run
     from bonebreak.serving.ui import OutputImages, RequestHandler
 
-    assert not (trained_vit / SIMILAR_CASES_FILE).exists() and "similar_cases" not in (trained_vit / "README.md").read_text()
+    assert not (trained_vit / SIMILAR_CASES_FILE).exists() and SIMILAR_CASES_FILE not in (trained_vit / "README.md").read_text()
     folder = tmp_path / "vit"
     shutil.copytree(trained_vit, folder)
     run("export", ["--model_path", str(folder), "--similar_cases", "--data_dir", str(handful)])
@@ -169,6 +169,24 @@ def test_own_data_gets_similar_cases_only_when_asked_and_then_the_app_shows_them
     with caplog.at_level("WARNING"):
         assert load_predictor(folder, "torch", ON_CPU).similar_cases is None  # the model answers, without stale cases
     assert "built from other weights" in caplog.text and "--similar_cases" in caplog.text
+
+
+def test_a_run_whose_index_cannot_be_built_does_not_claim_one(tiny_vit, handful, tmp_path, monkeypatch):
+    """--similar_cases on a network that gives no pooled features: the run still finishes, and its card and
+    metrics.json do not list an index the folder lacks."""
+    from bonebreak.commands import run
+    from bonebreak.training import finalize
+
+    def no_features(*args, **kwargs):
+        raise ValueError("this model's network gives no pooled features")
+
+    monkeypatch.setattr(finalize, "write_case_index", no_features)
+    out = tmp_path / "run"
+    run("train", ["--data_dir", str(handful), "--model", str(tiny_vit), "--epochs", "1", "--batch_size", "8", "--output_dir", str(out),
+                  "--num_workers", "0", "--similar_cases", "yes"])
+    assert not (out / SIMILAR_CASES_FILE).exists()
+    assert json.loads((out / "metrics.json").read_text())["similar_cases"] is False
+    assert "similar_cases.safetensors" not in (out / "README.md").read_text()
 
 
 def test_a_damaged_onnx_file_is_named_not_a_crash(exported, tmp_path):

@@ -83,8 +83,8 @@ def test_build_index_embeds_in_batches_and_keeps_order(tmp_path):
 def test_only_the_shipped_data_gets_an_index_unasked():
     shipped = {"grouped_splits": True, "arguments": {"split_manifest": "auto"}}
     own = {"grouped_splits": False, "arguments": {"split_manifest": "auto"}}
-    assert similar_cases_wanted(None, shipped) and not similar_cases_wanted(None, own)
-    assert similar_cases_wanted(True, own) and not similar_cases_wanted(False, shipped)
+    assert similar_cases_wanted("auto", shipped) and not similar_cases_wanted("auto", own)
+    assert similar_cases_wanted("yes", own) and not similar_cases_wanted("no", shipped)
 
 
 def test_the_shipped_model_shows_six_credited_cases_from_the_same_forward_pass(tmp_path):

@@ -31,6 +31,7 @@ from ..data.splits import check_fraction
 from .augment import AUGMENT_POLICIES
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+SIMILAR_CASES_CHOICES = ("auto", "yes", "no")
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 
 
@@ -187,12 +188,11 @@ class BoneBreakTrainingArguments(TrainingArguments):
         default=True,
         metadata={"help": "Also write an ONNX copy (model.onnx, verified against PyTorch) that the app and CLI run on CPU by default."},
     )
-    similar_cases: bool | None = field(
-        default=None,
+    similar_cases: str = field(
+        default="auto",
         metadata={"help": "Write the similar-cases index (similar_cases.safetensors: features and small thumbnails of the "
-                  "training X-rays, shown beside each answer). Default: on for the shipped bone-break data (CC BY 4.0, credited), "
-                  "off for other data, since it ships thumbnails of your images; --similar_cases turns it on, "
-                  "--similar_cases false off."},
+                  "training X-rays, shown beside each answer). auto: only for the shipped bone-break data (CC BY 4.0, credited); "
+                  "yes: for your own data too (the index ships thumbnails of your images); no: never."},
     )
     evaluate_test: bool = field(
         default=True, metadata={"help": "After training, evaluate the best model on the test split (never used for selection)."}
@@ -218,6 +218,7 @@ class BoneBreakTrainingArguments(TrainingArguments):
             "--layer_decay": 0 < self.layer_decay <= 1,
             "--precision": self.precision in PRECISIONS,
             "--augment": self.augment in AUGMENT_POLICIES,
+            "--similar_cases (auto, yes or no)": self.similar_cases in SIMILAR_CASES_CHOICES,
             "--ema": self.ema == 0 or 0 < self.ema < 1,
             "--distill_weight": 0 <= self.distill_weight <= 1,
         }

@@ -18,6 +18,7 @@ from ..common.checkpoint_format import CALIBRATION_FILE, METRICS_FILE, XRAY_CHEC
 from ..data.loading import LoadedData, image_paths
 from ..data.splits import Split
 from ..evaluation.calibration import calibrate_model
+from ..evaluation.card_refresh import refresh_card
 from ..evaluation.model_card import known_dataset, render
 from ..evaluation.plots import plot_training_curves
 from ..evaluation.reports import comparison_table, evaluate_splits, record_results
@@ -30,14 +31,14 @@ logger = logging.getLogger(__name__)
 SCRATCH_FILES = ("training_curves.png", "reliability_validation.png", XRAY_CHECK_FILE, XRAY_CHECK_ONNX, CALIBRATION_FILE)
 
 
-def similar_cases_wanted(choice: bool | None, summary: dict[str, Any]) -> bool:
-    """--similar_cases: as asked, else only for the shipped bone-break data, whose license allows showing its pictures."""
-    return known_dataset(summary) if choice is None else choice
+def similar_cases_wanted(choice: str, summary: dict[str, Any]) -> bool:
+    """--similar_cases yes or no as asked; auto: only for the shipped bone-break data, whose license allows showing its pictures."""
+    return known_dataset(summary) if choice == "auto" else choice == "yes"
 
 
 def package_model(
     model: Any, processor: Any, data: LoadedData, summary: dict[str, Any], log_history: list[dict[str, Any]], output_dir: str | Path,
-    evaluate_test: bool = True, onnx: bool = True, similar_cases: bool | None = None,
+    evaluate_test: bool = True, onnx: bool = True, similar_cases: str = "auto",
 ) -> tuple[Path, dict[str, dict[str, Any]]]:
     """Calibrate, evaluate on validation (and test), plot, write the model card, save atomically.
 
@@ -74,6 +75,7 @@ def package_model(
             write_case_index(saved, data, known_dataset(summary))
         except ValueError as error:  # e.g. a network without pooled features: the model serves without similar cases
             logger.warning("no similar-cases index: %s", error)
+            refresh_card(saved, reuse_reports=True)  # the card and metrics.json were written promising one
     return saved, reports
 
 
